@@ -1,0 +1,96 @@
+"""One validity check for a plan, used by simulate, search, run and export alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cluster import ClusterSpec
+from .model import ModelSpec
+from .plan import Plan
+from .workload import TrainWorkload
+
+
+@dataclass(frozen=True, kw_only=True)
+class Violation:
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def check_plan(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,
+               peak_memory_bytes: float | None = None) -> list[Violation]:
+    """Every reason `plan` cannot run `work` on `cluster`, each with its numbers.
+
+    `plan` must be resolved (dp filled in). Pass the predicted `peak_memory_bytes` (from
+    the simulator) to include the memory check.
+    """
+    out: list[Violation] = []
+
+    def bad(field: str, message: str) -> None:
+        out.append(Violation(field=field, message=message))
+
+    _check_degrees(model, cluster, work, plan, bad)
+    _check_pipeline(model, work, plan, bad)
+    _check_experts(model, plan, bad)
+    if work.dtype not in cluster.device.peak_flops_per_s:
+        bad("workload.dtype", f"{cluster.device.name} has no {work.dtype} tensor cores "
+            f"(supported: {sorted(cluster.device.peak_flops_per_s)})")
+    if peak_memory_bytes is not None and peak_memory_bytes > cluster.device.hbm_bytes:
+        bad("memory", f"peak {peak_memory_bytes / 1e9:.1f} GB per GPU exceeds the "
+            f"{cluster.device.hbm_bytes / 1e9:.1f} GB of {cluster.device.name}")
+    return out
+
+
+def _check_degrees(model, cluster, work, plan, bad) -> None:
+    world = plan.world_size
+    if world != cluster.n_gpus:
+        bad("plan", f"dp({plan.dp}) * tp({plan.tp}) * pp({plan.pp}) * cp({plan.cp}) = "
+            f"{world} but the cluster has {cluster.n_gpus} GPUs")
+    if model.n_heads % plan.tp:
+        bad("plan.tp", f"{model.n_heads} attention heads are not divisible by tp={plan.tp}")
+    kv = model.n_kv_heads
+    if model.mla is None and kv % plan.tp and plan.tp % kv:
+        bad("plan.tp", f"{kv} KV heads neither divide nor are divisible by tp={plan.tp}")
+    if work.global_batch % (plan.dp * plan.mbs):
+        bad("plan.mbs", f"global batch {work.global_batch} is not divisible by "
+            f"dp({plan.dp}) * mbs({plan.mbs}) = {plan.dp * plan.mbs}")
+    if plan.cp > 1 and work.seq_len % (2 * plan.cp):
+        bad("plan.cp", f"seq_len {work.seq_len} is not divisible by 2*cp = {2 * plan.cp} "
+            "(load-balanced causal context parallelism splits it into 2*cp chunks)")
+    if plan.etp and plan.tp % plan.etp:
+        bad("plan.etp", f"expert tp ({plan.etp}) does not divide tp ({plan.tp})")
+
+
+def _check_pipeline(model, work, plan, bad) -> None:
+    stages = plan.n_stages
+    if stages > model.n_layers:
+        bad("plan.pp", f"pp({plan.pp}) * vpp({plan.vpp}) = {stages} stages for "
+            f"{model.n_layers} layers")
+    if plan.stage_layers is not None:
+        if len(plan.stage_layers) != stages:
+            bad("plan.stage_layers", f"{len(plan.stage_layers)} entries for {stages} stages")
+        elif sum(plan.stage_layers) != model.n_layers:
+            bad("plan.stage_layers", f"sums to {sum(plan.stage_layers)}, model has "
+                f"{model.n_layers} layers")
+    if plan.vpp > 1 and plan.schedule != "interleaved":
+        bad("plan.schedule", f"vpp={plan.vpp} needs schedule=interleaved, got {plan.schedule}")
+    if plan.schedule in ("zb", "dualpipe"):
+        bad("plan.schedule", f"{plan.schedule} is not modelled yet (gpipe, 1f1b, interleaved)")
+    m = plan.micro_batches(work.global_batch) if plan.dp * plan.mbs else 0
+    if plan.vpp > 1 and m % plan.pp:
+        bad("plan.vpp", f"interleaving needs micro-batches ({m}) divisible by pp ({plan.pp})")
+
+
+def _check_experts(model, plan, bad) -> None:
+    if plan.ep == 1:
+        return
+    if model.moe is None:
+        bad("plan.ep", f"ep={plan.ep} but {model.name} has no experts")
+        return
+    if model.moe.n_experts % plan.ep:
+        bad("plan.ep", f"{model.moe.n_experts} experts are not divisible by ep={plan.ep}")
+    room = plan.dp * plan.cp * plan.tp // max(plan.etp or plan.tp, 1)
+    if room % plan.ep:
+        bad("plan.ep", f"ep={plan.ep} does not divide dp*cp*tp/etp = {room}")

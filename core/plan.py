@@ -1,0 +1,152 @@
+"""How training is parallelised: the one object every stage of meshplan passes on.
+
+`Plan.parse("tp=8,pp=4,mbs=1,recompute=selective,zero=1")` reads the compact form; omitted
+degrees are 1 and `dp` is whatever is left of the GPUs (`resolve`). `to_json`/`from_json`
+round-trip the complete plan, including the per-stage layer split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import SpecError, require
+
+Schedule = Literal["gpipe", "1f1b", "interleaved", "zb", "dualpipe"]
+Recompute = Literal["none", "selective", "full"]
+Offload = Literal["none", "optimizer"]
+Attention = Literal["flash", "unfused"]
+
+PLAN_VERSION = 1
+_INT_KEYS = ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "mbs", "zero")
+_ON_OFF = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "schedule": ("gpipe", "1f1b", "interleaved", "zb", "dualpipe"),
+    "recompute": ("none", "selective", "full"),
+    "offload": ("none", "optimizer"),
+    "attn": ("flash", "unfused"),
+}
+_BOOL_KEYS = ("sp", "tp_overlap", "dp_overlap")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    dp: int = 0  # 0: derive from the GPU count
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 0  # expert tensor parallelism; 0: same as tp
+    vpp: int = 1  # virtual pipeline stages (model chunks) per rank
+    mbs: int = 1  # micro-batch size, sequences
+    schedule: Schedule = "1f1b"
+    recompute: Recompute = "none"
+    zero: int = 0  # 0: DDP, 1: optimizer states, 2: + gradients, 3: + parameters (FSDP)
+    sp: bool = False  # Megatron sequence parallelism inside the TP group
+    tp_overlap: bool = False  # TP collectives overlapped with GEMMs (Megatron/async TP)
+    dp_overlap: bool = True  # DP/FSDP collectives overlapped with backward/forward
+    offload: Offload = "none"
+    attn: Attention = "flash"
+    stage_layers: tuple[int, ...] | None = None  # transformer layers per virtual stage
+    version: int = PLAN_VERSION
+
+    # ---- compact text form ----------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> Plan:
+        fields: dict[str, Any] = {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            require("=" in item, "plan", f"item {item!r} is not key=value")
+            key, value = (s.strip() for s in item.split("=", 1))
+            fields[key] = _parse_value(key, value)
+        if fields.get("vpp", 1) > 1 and "schedule" not in fields:
+            fields["schedule"] = "interleaved"
+        return cls(**fields)
+
+    def to_text(self) -> str:
+        parts = [f"{k}={getattr(self, k)}" for k in _INT_KEYS if k == "dp" or
+                 getattr(self, k) != getattr(Plan, k)]
+        for key in ("schedule", "recompute", "offload", "attn"):
+            if getattr(self, key) != getattr(Plan, key):
+                parts.append(f"{key}={getattr(self, key)}")
+        for key in _BOOL_KEYS:
+            if getattr(self, key) != getattr(Plan, key):
+                parts.append(f"{key}={'on' if getattr(self, key) else 'off'}")
+        return ",".join(parts)
+
+    # ---- JSON -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stage_layers"] = list(self.stage_layers) if self.stage_layers else None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        require(not unknown, "plan", f"unknown keys {unknown}")
+        require(data.get("version", PLAN_VERSION) == PLAN_VERSION, "plan.version",
+                f"this meshplan reads plan version {PLAN_VERSION}, got {data.get('version')}")
+        data = dict(data)
+        if data.get("stage_layers") is not None:
+            data["stage_layers"] = tuple(int(x) for x in data["stage_layers"])
+        for key in _INT_KEYS:
+            if key in data:
+                data[key] = _parse_value(key, str(data[key]))
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    # ---- derived ------------------------------------------------------------
+    def resolve(self, n_gpus: int) -> Plan:
+        """Fill in dp from the GPU count, and the expert TP default."""
+        other = self.tp * self.pp * self.cp
+        if self.dp == 0:
+            require(n_gpus % other == 0, "plan",
+                    f"tp({self.tp}) * pp({self.pp}) * cp({self.cp}) = {other} "
+                    f"does not divide {n_gpus} GPUs")
+            dp = n_gpus // other
+        else:
+            dp = self.dp
+        return dataclasses.replace(self, dp=dp, etp=self.etp or self.tp)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.vpp
+
+    def micro_batches(self, global_batch: int) -> int:
+        return global_batch // (self.dp * self.mbs)
+
+
+def _parse_value(key: str, value: str) -> Any:
+    if key in _INT_KEYS:
+        try:
+            n = int(value)
+        except ValueError:
+            raise SpecError(f"plan.{key}", f"expected an integer, got {value!r}") from None
+        low = 0 if key in ("dp", "zero", "etp") else 1
+        require(n >= low, f"plan.{key}", f"must be >= {low}, got {n}")
+        if key == "zero":
+            require(n <= 3, "plan.zero", f"ZeRO stage must be 0..3, got {n}")
+        return n
+    if key in _CHOICES:
+        require(value in _CHOICES[key], f"plan.{key}",
+                f"{value!r} is not one of {list(_CHOICES[key])}")
+        return value
+    if key in _BOOL_KEYS:
+        require(value.lower() in _ON_OFF, f"plan.{key}", f"expected on/off, got {value!r}")
+        return _ON_OFF[value.lower()]
+    if key == "stage_layers":
+        return tuple(int(x) for x in value.split(":"))
+    known = list(_INT_KEYS) + list(_CHOICES) + list(_BOOL_KEYS) + ["stage_layers"]
+    raise SpecError("plan", f"unknown key {key!r}; known keys: {', '.join(known)}")

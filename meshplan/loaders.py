@@ -1,0 +1,57 @@
+"""I/O edge: read models and clusters from the packaged catalog or from files."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from meshplan.core.cluster import ClusterSpec
+from meshplan.core.errors import SpecError
+from meshplan.core.loaders import cluster_from_toml, model_from_hf_config, model_from_toml
+from meshplan.core.model import ModelSpec
+
+_CATALOG = resources.files("meshplan.core") / "catalog"
+
+
+def _names(kind: str) -> list[str]:
+    return sorted(p.name[:-5] for p in (_CATALOG / kind).iterdir() if p.name.endswith(".toml"))
+
+
+def model_names() -> list[str]:
+    return _names("models")
+
+
+def cluster_names() -> list[str]:
+    return _names("clusters")
+
+
+def load_model(ref: str) -> ModelSpec:
+    """A catalog name, a Hugging Face config.json, or a model TOML file."""
+    if ref in model_names():
+        return model_from_toml((_CATALOG / "models" / f"{ref}.toml").read_text(), ref)
+    path = Path(ref)
+    if not path.is_file():
+        raise SpecError("model", f"{ref!r} is neither a catalog model ({', '.join(model_names())})"
+                        " nor a file")
+    if path.suffix == ".json":
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise SpecError("model", f"{path} is not valid JSON: {err}") from None
+        name = path.parent.name if path.name == "config.json" else path.stem
+        return model_from_hf_config(cfg, name)
+    return model_from_toml(path.read_text(), path.stem)
+
+
+def load_cluster(ref: str, gpus: int | None = None) -> ClusterSpec:
+    """A catalog GPU/system name or a cluster TOML file, sized to `gpus` GPUs."""
+    if ref in cluster_names():
+        cluster = cluster_from_toml((_CATALOG / "clusters" / f"{ref}.toml").read_text(), ref)
+    else:
+        path = Path(ref)
+        if not path.is_file():
+            raise SpecError("cluster", f"{ref!r} is neither a catalog cluster "
+                            f"({', '.join(cluster_names())}) nor a file")
+        cluster = cluster_from_toml(path.read_text(), path.stem)
+    return cluster.with_gpus(gpus) if gpus else cluster

@@ -27,8 +27,8 @@ class DeviceSpec:
     hbm_bytes: float
     hbm_bw_bytes_per_s: float
     compute_units: int  # SMs (NVIDIA) or CUs (AMD): sets GEMM wave quantisation
-    gemm_tile: tuple[int, int] = (128, 256)  # output tile of the vendor BLAS's big kernels
-    gemm_peak_fraction: float = 0.8  # best achievable GEMM FLOP/s / peak (MAMF)
+    gemm_tile: tuple[int, ...] = (128, 256)  # output tile of the vendor BLAS's big kernels
+    gemm_peak_fraction: dict[str, float] = field(default_factory=dict)  # MAMF / peak per dtype
     attention_peak_fraction: float = 0.5  # fused attention FLOP/s / peak at long sequences
     mem_bw_fraction: float = 0.85  # achievable / nominal HBM bandwidth (stream copy)
     kernel_overhead_s: float = 4e-6  # launch + tail per kernel
@@ -51,6 +51,11 @@ class DeviceSpec:
             derate = (self.power_limit_w / self.tdp_w) ** (1 / 3)
         return self.peak_flops_per_s[dtype] * derate
 
+    def gemm_fraction(self, dtype: str) -> float:
+        """Best achievable GEMM fraction of peak for `dtype` (falls back to bf16/fp16)."""
+        f = self.gemm_peak_fraction
+        return f.get(dtype) or f.get("bf16") or f.get("fp16") or 0.8
+
 
 @dataclass(frozen=True, kw_only=True)
 class NodeSpec:
@@ -59,6 +64,7 @@ class NodeSpec:
     intra_bw_bytes_per_s: float  # per GPU per direction into the fabric
     intra_efficiency: float  # NCCL bus bandwidth / line rate on the fabric
     intra_latency_s: float  # α per ring step inside a node
+    intra_allreduce_busbw_bytes_per_s: float = 0.0  # in-switch reduction (NVLS); 0: ring
     nics_per_node: int
     nic_bw_bytes_per_s: float  # per NIC per direction
     nic_efficiency: float
@@ -97,8 +103,11 @@ class ClusterSpec:
             "cluster.gpus",
             f"{self.n_gpus} GPUs is not a whole number of {g}-GPU nodes",
         )
-        for name in ("gemm_peak_fraction", "attention_peak_fraction", "mem_bw_fraction"):
-            v = getattr(self.device, name)
+        d = self.device
+        fractions = {f"gemm_peak_fraction.{k}": v for k, v in d.gemm_peak_fraction.items()}
+        fractions |= {"attention_peak_fraction": d.attention_peak_fraction,
+                      "mem_bw_fraction": d.mem_bw_fraction}
+        for name, v in fractions.items():
             require(0 < v <= 1, f"cluster.device.{name}", f"must be in (0, 1], got {v}")
         require(self.network.oversubscription >= 1, "cluster.network.oversubscription",
                 f"must be >= 1, got {self.network.oversubscription}")

@@ -32,6 +32,7 @@ class DeviceSpec:
     attention_peak_fraction: float = 0.5  # fused attention FLOP/s / peak at long sequences
     mem_bw_fraction: float = 0.85  # achievable / nominal HBM bandwidth (stream copy)
     kernel_overhead_s: float = 4e-6  # launch + tail per kernel
+    runtime_reserved_bytes: float = 1.0e9  # CUDA context, cuBLAS/NCCL workspaces
     tdp_w: float = 0.0
     power_limit_w: float = 0.0  # 0: runs at TDP
     price_per_gpu_hour: float | None = None
@@ -72,6 +73,7 @@ class NodeSpec:
     pcie_bw_bytes_per_s: float  # host link per GPU per direction
     host_memory_bytes: float
     nvme_bw_bytes_per_s: float = 0.0
+    host_mem_bw_bytes_per_s: float = 200e9  # DRAM bandwidth of the node's CPUs
 
 
 @dataclass(frozen=True, kw_only=True)

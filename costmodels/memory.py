@@ -1,0 +1,112 @@
+"""Memory per rank: model states under ZeRO, activations under TP/SP/CP and recompute.
+
+Model states (Rajbhandari et al. 2020, "ZeRO", §3.1 and §5): mixed-precision training keeps
+2Ψ bytes of 16-bit weights, 2Ψ of 16-bit gradients and KΨ of optimizer state (K = 12 for
+Adam). Over N_d data-parallel ranks, ZeRO-1 shards the optimizer (4Ψ + KΨ/N_d), ZeRO-2 also
+the gradients (2Ψ + (2+K)Ψ/N_d), ZeRO-3 everything ((2+2+K)Ψ/N_d).
+
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", §4, Table 2):
+per layer and micro-batch, sbh(34 + 5as/h) bytes without parallelism; sbh(10 + 24/t +
+5as/(ht)) with tensor parallelism t; (sbh/t)(34 + 5as/h) with sequence parallelism;
+selective recompute drops the 5as²b/t attention term; full recompute keeps only the layer
+input, 2sbh (2sbh/t with sequence parallelism). `layer_activation_bytes` counts the same
+tensors one by one, so it reproduces those formulas for GPT layers and extends them to
+GQA/MLA, SwiGLU, MoE, FlashAttention and context parallelism.
+"""
+
+from __future__ import annotations
+
+from meshplan.core.model import ModelSpec
+
+from .flops import Shard
+
+
+def model_state_bytes(params: float, dp: int, zero: int, optimizer_bytes: int = 12,
+                      weight_bytes: int = 2, grad_bytes: int = 2) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes per rank for `params` replicated over `dp`."""
+    w, g, o = weight_bytes * params, grad_bytes * params, optimizer_bytes * params
+    if zero >= 1:
+        o /= dp
+    if zero >= 2:
+        g /= dp
+    if zero >= 3:
+        w /= dp
+    return w, g, o
+
+
+def layer_activation_bytes(model: ModelSpec, s: Shard, recompute: str, moe_layer: bool,
+                           dropout: bool | None = None) -> float:
+    """Bytes one layer keeps for backward, for one micro-batch on one rank."""
+    b, h = s.act_bytes, model.hidden_size
+    t, t_sp = s.tokens, s.sp_tokens
+    if recompute == "full":
+        return b * t_sp * h
+    drop = model.dropout if dropout is None else dropout
+    mask = t_sp * h if drop else 0  # 1-byte dropout masks
+    attn = _attention_activations(model, s, recompute, drop) + 2 * b * t_sp * h + mask
+    mlp = 2 * b * t_sp * h + mask  # norm input and norm output (the MLP input)
+    if moe_layer:
+        mlp += _moe_activations(model, s)
+    else:
+        f = model.ffn_hidden_size // s.tp
+        mlp += b * t * f * (3 if model.mlp == "swiglu" else 2)
+    return attn + mlp
+
+
+def _attention_activations(model: ModelSpec, s: Shard, recompute: str, dropout: bool) -> float:
+    """Q, K, V, the output-projection input, and the score matrices if materialised."""
+    b, t, tp = s.act_bytes, s.tokens, s.tp
+    heads = model.n_heads // tp
+    if model.mla:
+        m = model.mla
+        latents = t * (m.q_lora_rank + m.kv_lora_rank)
+        qkv = t * heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + m.v_head_dim)
+        out = t * heads * m.v_head_dim
+        stored = b * (latents + qkv + out)
+    else:
+        kv_local = max(model.n_kv_heads // tp, 1) * model.head_dim
+        q_local = heads * model.head_dim
+        stored = b * t * (2 * q_local + 2 * kv_local)
+    q_len, kv_len = s.seq // s.cp, s.seq
+    if s.attn == "flash":
+        return stored + 4 * s.mbs * heads * q_len  # fp32 log-sum-exp per query and head
+    if recompute == "selective":
+        return stored
+    scores = s.mbs * heads * q_len * kv_len
+    return stored + scores * (b + (1 + b if dropout else 0))
+
+
+def _moe_activations(model: ModelSpec, s: Shard) -> float:
+    moe = model.moe
+    assert moe is not None
+    b, h, t = s.act_bytes, model.hidden_size, s.tokens
+    routed = t * moe.top_k * s.etp / s.tp
+    f = moe.expert_ffn_hidden_size // s.etp
+    acts = 4 * t * moe.n_experts  # fp32 router probabilities
+    acts += b * routed * h * 2  # permuted expert inputs, expert outputs before combine
+    acts += b * routed * f * (3 if model.mlp == "swiglu" else 2)
+    if moe.n_shared_experts:
+        fs = moe.n_shared_experts * moe.shared_ffn // s.tp
+        acts += b * t * fs * (3 if model.mlp == "swiglu" else 2)
+    return acts
+
+
+def head_activation_bytes(model: ModelSpec, s: Shard) -> float:
+    """Last stage: final-norm input and fp32 logits for the loss, 4sbv/t (Korthikanti §4.3)."""
+    return s.act_bytes * s.sp_tokens * model.hidden_size + 4 * s.tokens * model.vocab_size / s.tp
+
+
+def inflight_microbatches(schedule: str, pp: int, vpp: int, rank: int, m: int) -> float:
+    """Micro-batches of a whole rank's layers alive at its peak, from the schedule IR's rule.
+
+    GPipe keeps all m; 1F1B keeps min(p − r, m) (Narayanan 2021 §2.2.1); interleaving keeps
+    (p − r − 1)·2 + (v − 1)·p + 1 model chunks of 1/v of the layers (Megatron-LM schedule),
+    i.e. 1 + (p − 1)/(p·v) of the layers' worth on rank 0 (Korthikanti §4.2.3). Tests check
+    these against `meshplan.core.schedule.peak_inflight`.
+    """
+    if schedule == "gpipe":
+        return float(m)
+    if vpp == 1:
+        return float(min(pp - rank, m))
+    chunks = min((pp - rank - 1) * 2 + (vpp - 1) * pp + 1, m * vpp)
+    return chunks / vpp

@@ -1,0 +1,378 @@
+"""Analytical step-time and memory model: one plan in well under a millisecond.
+
+The step is a pipeline of micro-batches (Narayanan et al. 2021 §2.2): every pipeline rank
+spends t_r per micro-batch (forward + backward + recompute + exposed TP/CP/EP
+communication of the layers it owns); with m micro-batches and v chunks per rank the
+pipeline takes m·max_r t_r + (Σ_r t_r − max_r t_r)/v, which for equal stages is the
+familiar (m + (p−1)/v)·t, i.e. a bubble of (p−1)/(v·m) of the ideal time. Data-parallel
+communication is added where backward (or, for ZeRO-3, forward and backward) cannot hide
+it, then the optimizer step. Peak memory is the largest over pipeline ranks of model
+states plus the activations of the micro-batches its schedule keeps alive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from meshplan.core.check import check_plan
+from meshplan.core.cluster import ClusterSpec
+from meshplan.core.errors import SpecError
+from meshplan.core.model import ModelSpec
+from meshplan.core.plan import Plan
+from meshplan.core.results import MemoryBreakdown, SimResult, TimeBreakdown
+from meshplan.core.workload import TrainWorkload
+from meshplan.costmodels import collectives as coll
+from meshplan.costmodels import memory as mem
+from meshplan.costmodels.compute import attention_time_s, gemm_time_s, memory_time_s
+from meshplan.costmodels.flops import (
+    Op,
+    Shard,
+    backward,
+    embedding_ops,
+    head_ops,
+    layer_ops,
+    model_flops_per_token,
+    recompute_flops_per_token,
+)
+
+ADAM_BYTES_PER_PARAM = 28  # read fp32 master, m, v, 16-bit grad; write master, m, v, 16-bit param
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Phase:
+    """Seconds one micro-batch spends in a block of layers on one rank."""
+
+    compute: float = 0.0
+    recompute: float = 0.0
+    comm: float = 0.0  # exposed TP / CP / EP communication
+
+    def __add__(self, other: Phase) -> Phase:
+        return Phase(compute=self.compute + other.compute,
+                     recompute=self.recompute + other.recompute, comm=self.comm + other.comm)
+
+    def scale(self, k: float) -> Phase:
+        return Phase(compute=self.compute * k, recompute=self.recompute * k, comm=self.comm * k)
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.recompute + self.comm
+
+
+def ops_time_s(cluster: ClusterSpec, dtype: str, ops: list[Op]) -> float:
+    dev = cluster.device
+    total = 0.0
+    for op in ops:
+        if op.kind == "gemm":
+            total += gemm_time_s(dev, dtype, op.m, op.n, op.k, op.batch)
+        elif op.kind == "attn":
+            total += attention_time_s(dev, dtype, op.flops, op.kv_len)
+        else:
+            total += memory_time_s(dev, op.bytes)
+    return total
+
+
+def default_stage_layers(n_layers: int, n_stages: int) -> tuple[int, ...]:
+    """As even as possible; spare layers go to the middle stages, away from the
+    embedding (first stage) and the LM head (last stage)."""
+    base, extra = divmod(n_layers, n_stages)
+    counts = [base] * n_stages
+    middle = list(range(1, n_stages - 1)) or list(range(n_stages))
+    for i in range(extra):
+        counts[middle[i % len(middle)]] += 1
+    return tuple(counts)
+
+
+class _Model:
+    """The costs of one (model, cluster, workload, plan), computed once and reused."""
+
+    def __init__(self, model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan):
+        self.model, self.cluster, self.work, self.plan = model, cluster, work, plan
+        self.dtype = work.dtype
+        self.shard = Shard(mbs=plan.mbs, seq=work.seq_len, tp=plan.tp, cp=plan.cp, sp=plan.sp,
+                           ep=plan.ep, etp=plan.etp, attn=plan.attn,
+                           act_bytes=work.activation_bytes)
+        self.m = plan.micro_batches(work.global_batch)
+        self.stage_layers = plan.stage_layers or default_stage_layers(model.n_layers,
+                                                                       plan.n_stages)
+        gpn = cluster.node.gpus_per_node
+        self.tp_group = coll.group_of(cluster, plan.tp, 1)
+        self.cp_group = coll.group_of(cluster, plan.cp, plan.tp)
+        self.dp_group = coll.group_of(cluster, plan.dp * plan.cp, plan.tp)
+        self.ep_group = coll.group_of(cluster, plan.ep, plan.etp)
+        self.edp = plan.dp * plan.cp * plan.tp // (plan.ep * plan.etp)
+        self.edp_group = coll.group_of(cluster, self.edp, plan.ep * plan.etp)
+        self.pp_crosses_node = plan.tp * plan.cp * plan.dp >= gpn
+        self.layer_phase = {False: self._layer_phase(False)}
+        if model.moe:
+            self.layer_phase[True] = self._layer_phase(True)
+
+    # ---- per-layer costs -------------------------------------------------------
+    def _layer_phase(self, moe_layer: bool) -> tuple[Phase, Phase]:
+        """(forward, backward) of one layer for one micro-batch, recompute in backward."""
+        ops = layer_ops(self.model, self.shard, moe_layer)
+        t = self.cluster
+        fwd = ops_time_s(t, self.dtype, ops)
+        bwd = ops_time_s(t, self.dtype, backward(ops))
+        gemm_f = ops_time_s(t, self.dtype, [o for o in ops if o.kind == "gemm"])
+        attn = [o for o in ops if o.kind == "attn" or o.name in ("qk", "pv", "softmax")]
+        attn_f = ops_time_s(t, self.dtype, attn)
+        attn_b = ops_time_s(t, self.dtype, backward(attn))
+        tp_f, tp_b = self._tp_comm(gemm_f)
+        cp_f, cp_b = self._cp_comm(attn_f, attn_b)
+        ep = self._ep_comm() if moe_layer else 0.0
+        comm_f, comm_b = tp_f + cp_f + ep, tp_b + cp_b + ep
+        rc = self.plan.recompute
+        recompute = fwd + comm_f if rc == "full" else attn_f if rc == "selective" else 0.0
+        return (Phase(compute=fwd, comm=comm_f),
+                Phase(compute=bwd, recompute=recompute, comm=comm_b))
+
+    def _tp_comm(self, gemm_fwd_s: float) -> tuple[float, float]:
+        """Megatron TP: 2 all-reduces per layer each way; with SP, 2 all-gathers and 2
+        reduce-scatters of the same bytes (Korthikanti §4.2.2)."""
+        if self.plan.tp == 1:
+            return 0.0, 0.0
+        nbytes = self.shard.tokens * self.model.hidden_size * self.shard.act_bytes
+        g = self.tp_group
+        if self.plan.sp:
+            one = coll.collective_time_s(self.cluster, g, "all_gather", nbytes) + \
+                coll.collective_time_s(self.cluster, g, "reduce_scatter", nbytes)
+        else:
+            one = coll.collective_time_s(self.cluster, g, "all_reduce", nbytes)
+        fwd = bwd = 2 * one
+        if self.plan.tp_overlap:  # chunked against the GEMMs (Megatron --tp-comm-overlap)
+            fwd, bwd = max(0.0, fwd - gemm_fwd_s), max(0.0, bwd - 2 * gemm_fwd_s)
+        return fwd, bwd
+
+    def _cp_comm(self, attn_f: float, attn_b: float) -> tuple[float, float]:
+        """Ring attention: K/V blocks travel cp−1 hops, hidden behind blockwise attention."""
+        if self.plan.cp == 1:
+            return 0.0, 0.0
+        m = self.model
+        kv_local = max(m.n_kv_heads // self.plan.tp, 1) * m.head_dim if not m.mla else \
+            m.kv_dim // self.plan.tp
+        step = 2 * self.shard.tokens * kv_local * self.shard.act_bytes
+        crosses = self.cp_group.nodes > 1
+        ring = (self.plan.cp - 1) * coll.p2p_time_s(self.cluster, crosses, step)
+        return max(0.0, ring - attn_f), max(0.0, 2 * ring - attn_b)
+
+    def _ep_comm(self) -> float:
+        """Dispatch and combine all-to-alls, each way (GShard; Megatron-Core MoE)."""
+        if self.plan.ep == 1:
+            return 0.0
+        moe = self.model.moe
+        assert moe is not None
+        nbytes = (self.shard.tokens * moe.top_k * self.model.hidden_size * self.shard.act_bytes
+                  * self.plan.etp / self.plan.tp)
+        return 2 * coll.collective_time_s(self.cluster, self.ep_group, "all_to_all", nbytes)
+
+    # ---- stages -----------------------------------------------------------------
+    def stage_kinds(self, stage: int) -> tuple[int, int]:
+        """(dense layers, MoE layers) of a virtual stage."""
+        start = sum(self.stage_layers[:stage])
+        n = self.stage_layers[stage]
+        if not self.model.moe:
+            return n, 0
+        dense = max(0, min(start + n, self.model.moe.first_k_dense) - start)
+        return dense, n - dense
+
+    def stage_phase(self, stage: int) -> tuple[Phase, Phase]:
+        dense, moe = self.stage_kinds(stage)
+        f, b = self.layer_phase[False]
+        fwd, bwd = f.scale(dense), b.scale(dense)
+        if moe:
+            fm, bm = self.layer_phase[True]
+            fwd, bwd = fwd + fm.scale(moe), bwd + bm.scale(moe)
+        extra: list[Op] = []
+        if stage == 0:
+            extra += embedding_ops(self.model, self.shard)
+        if stage == len(self.stage_layers) - 1:
+            extra += head_ops(self.model, self.shard)
+        if extra:
+            fwd = fwd + Phase(compute=ops_time_s(self.cluster, self.dtype, extra))
+            bwd = bwd + Phase(compute=ops_time_s(self.cluster, self.dtype, backward(extra)))
+        return fwd, bwd
+
+    def rank_phase(self, rank: int) -> Phase:
+        """Per micro-batch work of pipeline rank `rank` over all its chunks."""
+        total = Phase()
+        for stage in range(rank, len(self.stage_layers), self.plan.pp):
+            f, b = self.stage_phase(stage)
+            total = total + f + b
+        return total
+
+    def p2p_s(self) -> float:
+        """One pipeline send; steady-state sends hide behind compute, fill/drain's do not."""
+        nbytes = self.shard.sp_tokens * self.model.hidden_size * self.shard.act_bytes
+        return coll.p2p_time_s(self.cluster, self.pp_crosses_node, nbytes)
+
+    # ---- parameters and memory ---------------------------------------------------------
+    def stage_params(self, stage: int) -> tuple[float, float]:
+        """(dense, expert) parameters a rank holds for one virtual stage."""
+        m, p = self.model, self.plan
+        dense_layers, moe_layers = self.stage_kinds(stage)
+        attn_norm = m.attention_params() + 2 * m.norm_params()
+        dense = dense_layers * (attn_norm + m.mlp_params(m.ffn_hidden_size)) / p.tp
+        expert = 0.0
+        if moe_layers and m.moe:
+            moe = m.moe
+            shared = moe.n_shared_experts * m.mlp_params(moe.shared_ffn)
+            router = m.hidden_size * moe.n_experts
+            dense += moe_layers * ((attn_norm + shared) / p.tp + router)
+            expert = moe_layers * moe.n_experts * m.mlp_params(moe.expert_ffn_hidden_size) \
+                / (p.ep * p.etp)
+        if stage == 0:
+            dense += m.embedding_params() / p.tp
+        if stage == len(self.stage_layers) - 1:
+            dense += m.norm_params() + (m.vocab_size * m.hidden_size / p.tp
+                                        if not m.tied_embeddings or p.pp > 1 else 0)
+        return dense, expert
+
+    def rank_params(self, rank: int) -> tuple[float, float]:
+        dense = expert = 0.0
+        for stage in range(rank, len(self.stage_layers), self.plan.pp):
+            d, e = self.stage_params(stage)
+            dense, expert = dense + d, expert + e
+        return dense, expert
+
+    def rank_memory(self, rank: int) -> MemoryBreakdown:
+        p, w = self.plan, self.work
+        dense, expert = self.rank_params(rank)
+        k = w.optimizer_state_bytes
+        wd, gd, od = mem.model_state_bytes(dense, p.dp * p.cp, p.zero, k)
+        we, ge, oe = mem.model_state_bytes(expert, self.edp, p.zero, k)
+        optimizer = 0.0 if p.offload == "optimizer" else od + oe
+        acts = self._rank_activations(rank)
+        buffers = self.cluster.device.runtime_reserved_bytes
+        if p.zero == 3:  # current and prefetched layer gathered, plus their gradients
+            layer = (dense + expert) / max(1, sum(self.stage_layers[rank::p.pp]))
+            buffers += 2 * 4 * layer * (p.dp * p.cp)
+        return MemoryBreakdown(weights=wd + we, gradients=gd + ge, optimizer=optimizer,
+                               activations=acts, buffers=buffers)
+
+    def _rank_activations(self, rank: int) -> float:
+        p = self.plan
+        per_mb = 0.0
+        for stage in range(rank, len(self.stage_layers), p.pp):
+            dense, moe = self.stage_kinds(stage)
+            per_mb += dense * mem.layer_activation_bytes(self.model, self.shard, p.recompute,
+                                                         False)
+            if moe:
+                per_mb += moe * mem.layer_activation_bytes(self.model, self.shard, p.recompute,
+                                                           True)
+        live = mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, self.m)
+        acts = per_mb * live
+        if p.recompute == "full":  # one layer's full activations during its recompute
+            acts += mem.layer_activation_bytes(self.model, self.shard, "none",
+                                               self.model.is_moe)
+        if rank == (len(self.stage_layers) - 1) % p.pp:
+            acts += mem.head_activation_bytes(self.model, self.shard)
+        return acts
+
+    # ---- data parallelism and optimizer -------------------------------------------------
+    def dp_exposed_s(self, rank: int, phase_f: float, phase_b: float) -> tuple[float, float]:
+        """(exposed seconds, total seconds) of DP/FSDP communication for one step."""
+        p = self.plan
+        dense, expert = self.rank_params(rank)
+        nlayers = max(1, sum(self.stage_layers[rank::p.pp]))
+        c = self.cluster
+        total = exposed = 0.0
+        for params, group in ((dense, self.dp_group), (expert, self.edp_group)):
+            grad_bytes = 2 * params
+            if group.size <= 1 or params == 0:
+                continue
+            if p.zero == 3:
+                ag = coll.collective_time_s(c, group, "all_gather", grad_bytes)
+                rs = coll.collective_time_s(c, group, "reduce_scatter", grad_bytes)
+                total += self.m * (2 * ag + rs)
+                if p.dp_overlap:
+                    per_mb = max(ag / nlayers, ag - phase_f) + max(
+                        (ag + rs) / nlayers, ag + rs - phase_b)
+                    exposed += self.m * per_mb
+                else:
+                    exposed += self.m * (2 * ag + rs)
+                continue
+            if p.zero == 0:
+                grads = coll.collective_time_s(c, group, "all_reduce", grad_bytes)
+                gather = 0.0
+            else:
+                grads = coll.collective_time_s(c, group, "reduce_scatter", grad_bytes)
+                gather = coll.collective_time_s(c, group, "all_gather", grad_bytes)
+            total += grads + gather
+            if p.dp_overlap:
+                exposed += max(grads / nlayers, grads - phase_b)
+                exposed += max(gather / nlayers, gather - phase_f) if gather else 0.0
+            else:
+                exposed += grads + gather
+        return exposed, total
+
+    def optimizer_s(self, rank: int) -> tuple[float, float]:
+        """(GPU optimizer seconds, offload seconds) for this rank's shard of parameters."""
+        p = self.plan
+        dense, expert = self.rank_params(rank)
+        local = dense / (p.dp * p.cp if p.zero >= 1 else 1) + expert / (
+            self.edp if p.zero >= 1 else 1)
+        if p.offload == "optimizer":
+            node = self.cluster.node
+            host_bw = node.host_mem_bw_bytes_per_s / node.gpus_per_node
+            copies = 4 * local / node.pcie_bw_bytes_per_s  # 16-bit grads down, params up
+            return 0.0, local * ADAM_BYTES_PER_PARAM / host_bw + copies
+        return memory_time_s(self.cluster.device, local * ADAM_BYTES_PER_PARAM, kernels=4), 0.0
+
+
+def simulate_analytical(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+                        plan: Plan) -> SimResult:
+    """Predict one training step. Raises SpecError listing every structural violation."""
+    plan = plan.resolve(cluster.n_gpus)
+    problems = check_plan(model, cluster, work, plan)
+    if problems:
+        raise SpecError(problems[0].field, "; ".join(str(v) for v in problems)[
+            len(problems[0].field) + 2:])
+    if plan.schedule == "interleaved" and plan.vpp == 1:
+        plan = replace(plan, schedule="1f1b")
+    cm = _Model(model, cluster, work, plan)
+    return _assemble(cm)
+
+
+def _assemble(cm: _Model) -> SimResult:
+    plan, work, model, cluster = cm.plan, cm.work, cm.model, cm.cluster
+    ranks = [cm.rank_phase(r) for r in range(plan.pp)]
+    worst = max(range(plan.pp), key=lambda r: ranks[r].total)
+    t_max = ranks[worst].total
+    fill = (sum(r.total for r in ranks) - t_max) / plan.vpp
+    p2p = 2 * (plan.pp - 1) * cm.p2p_s() if plan.pp > 1 else 0.0
+    pipeline = cm.m * t_max + fill + p2p
+
+    fwd_b = [cm.stage_phase(s) for s in range(worst, len(cm.stage_layers), plan.pp)]
+    phase_f = sum(f.total for f, _ in fwd_b)
+    phase_b = sum(b.total for _, b in fwd_b)
+    dp_exposed, dp_total = cm.dp_exposed_s(worst, phase_f, phase_b)
+    opt_s, offload_s = cm.optimizer_s(worst)
+    step = pipeline + dp_exposed + opt_s + offload_s
+
+    w = ranks[worst]
+    time = TimeBreakdown(compute=cm.m * w.compute, recompute=cm.m * w.recompute,
+                         exposed_comm=cm.m * w.comm + p2p + dp_exposed, bubble=fill,
+                         offload=offload_s, optimizer=opt_s)
+    memories = [cm.rank_memory(r) for r in range(plan.pp)]
+    peak_mem = max(memories, key=lambda mb: mb.total)
+    tokens = work.tokens_per_step
+    model_flops = model_flops_per_token(model, work.seq_len) * tokens
+    hw_flops = model_flops + recompute_flops_per_token(model, work.seq_len,
+                                                       plan.recompute) * tokens
+    nominal = cluster.device.peak_flops_per_s[work.dtype] * cluster.n_gpus
+    violations = check_plan(model, cluster, work, plan, peak_mem.total)
+    return SimResult(
+        step_time_s=step,
+        tokens_per_s=tokens / step,
+        tflops_per_gpu=model_flops / step / cluster.n_gpus / 1e12,
+        mfu=model_flops / step / nominal,
+        hfu=hw_flops / step / nominal,
+        peak_memory_bytes=peak_mem.total,
+        fits=not violations,
+        memory=peak_mem,
+        time=time,
+        plan=plan,
+        comm_s={"dp_total": dp_total, "dp_exposed": dp_exposed, "pp_p2p": p2p,
+                "layers_exposed": cm.m * w.comm},
+        violations=tuple(str(v) for v in violations),
+    )

@@ -27,8 +27,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def model_from_dict(data: dict[str, Any], name: str = "") -> ModelSpec:
     data = dict(data)
-    if name and "name" not in data:
-        data["name"] = name
+    data.setdefault("name", name or "model")
     if "moe" in data:
         data["moe"] = _build(MoESpec, data["moe"], f"model {name}.moe")
     if "mla" in data:

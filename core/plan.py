@@ -18,6 +18,7 @@ Schedule = Literal["gpipe", "1f1b", "interleaved", "zb", "dualpipe"]
 Recompute = Literal["none", "selective", "full"]
 Offload = Literal["none", "optimizer"]
 Attention = Literal["flash", "unfused"]
+Kernels = Literal["fused", "eager"]
 
 PLAN_VERSION = 1
 _INT_KEYS = ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "mbs", "zero")
@@ -27,6 +28,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "recompute": ("none", "selective", "full"),
     "offload": ("none", "optimizer"),
     "attn": ("flash", "unfused"),
+    "kernels": ("fused", "eager"),
 }
 _BOOL_KEYS = ("sp", "tp_overlap", "dp_overlap")
 
@@ -49,6 +51,7 @@ class Plan:
     dp_overlap: bool = True  # DP/FSDP collectives overlapped with backward/forward
     offload: Offload = "none"
     attn: Attention = "flash"
+    kernels: Kernels = "fused"  # fused elementwise kernels (Megatron/TE, torch.compile) or eager
     stage_layers: tuple[int, ...] | None = None  # transformer layers per virtual stage
     version: int = PLAN_VERSION
 
@@ -67,12 +70,14 @@ class Plan:
     def to_text(self) -> str:
         parts = [f"{k}={getattr(self, k)}" for k in _INT_KEYS if k == "dp" or
                  getattr(self, k) != getattr(Plan, k)]
-        for key in ("schedule", "recompute", "offload", "attn"):
+        for key in ("schedule", "recompute", "offload", "attn", "kernels"):
             if getattr(self, key) != getattr(Plan, key):
                 parts.append(f"{key}={getattr(self, key)}")
         for key in _BOOL_KEYS:
             if getattr(self, key) != getattr(Plan, key):
                 parts.append(f"{key}={'on' if getattr(self, key) else 'off'}")
+        if self.stage_layers:
+            parts.append("stage_layers=" + ":".join(str(n) for n in self.stage_layers))
         return ",".join(parts)
 
     # ---- JSON -------------------------------------------------------------

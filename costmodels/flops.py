@@ -178,6 +178,28 @@ def head_ops(model: ModelSpec, s: Shard) -> list[Op]:
             _mem("cross_entropy", t * v * (s.act_bytes + 2 * 4))]
 
 
+# Bytes an eager PyTorch implementation moves relative to one fused kernel (read inputs
+# once, write outputs once), from counting the kernels of the reference code: RMSNorm in
+# fp32 (cast, pow, mean, rsqrt-mul, cast back, weight-mul: 36 vs 4 bytes per element),
+# RoPE through complex views (~28 vs 4), SwiGLU as silu then mul (10 vs 6), cross-entropy
+# via an fp32 copy then log-softmax (~2x). Residual adds are one kernel either way.
+EAGER_TRAFFIC = {"attn_norm": 9.0, "mlp_norm": 9.0, "final_norm": 9.0, "rope": 7.0,
+                 "mlp_swiglu": 10 / 6, "experts_swiglu": 10 / 6, "shared_swiglu": 10 / 6,
+                 "cross_entropy": 2.0}
+
+
+def eager_factor(op: Op) -> float:
+    return EAGER_TRAFFIC.get(op.name.removesuffix("_bwd"), 1.0)
+
+
+def fp8_casts(ops: list[Op]) -> list[Op]:
+    """Dynamic FP8 scaling casts each GEMM operand: read 16-bit, write 8-bit (Micikevicius
+    et al. 2022, "FP8 Formats for Deep Learning", §4), per GEMM in the forward pass;
+    `backward` doubles them for the gradient GEMMs."""
+    return [_mem(op.name + "_fp8_cast", 3 * (op.m * op.k + op.k * op.n) * op.batch)
+            for op in ops if op.kind == "gemm" and op.name not in ("router", "qk", "pv")]
+
+
 def backward(ops: list[Op]) -> list[Op]:
     out: list[Op] = []
     for op in ops:

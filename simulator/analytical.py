@@ -28,7 +28,9 @@ from meshplan.costmodels.flops import (
     Op,
     Shard,
     backward,
+    eager_factor,
     embedding_ops,
+    fp8_casts,
     head_ops,
     layer_ops,
     model_flops_per_token,
@@ -58,16 +60,18 @@ class Phase:
         return self.compute + self.recompute + self.comm
 
 
-def ops_time_s(cluster: ClusterSpec, dtype: str, ops: list[Op]) -> float:
+def ops_time_s(cluster: ClusterSpec, dtype: str, ops: list[Op], eager: bool = False) -> float:
+    """Seconds for a list of ops. FP8 applies to GEMMs; attention runs in 16-bit."""
     dev = cluster.device
+    attn_dtype = "bf16" if dtype == "fp8" else dtype
     total = 0.0
     for op in ops:
         if op.kind == "gemm":
             total += gemm_time_s(dev, dtype, op.m, op.n, op.k, op.batch)
         elif op.kind == "attn":
-            total += attention_time_s(dev, dtype, op.flops, op.kv_len)
+            total += attention_time_s(dev, attn_dtype, op.flops, op.kv_len)
         else:
-            total += memory_time_s(dev, op.bytes)
+            total += memory_time_s(dev, op.bytes * (eager_factor(op) if eager else 1.0))
     return total
 
 
@@ -106,17 +110,21 @@ class _Model:
         if model.moe:
             self.layer_phase[True] = self._layer_phase(True)
 
+    def _time(self, ops: list[Op], dtype: str | None = None) -> float:
+        return ops_time_s(self.cluster, dtype or self.dtype, ops, self.plan.kernels == "eager")
+
     # ---- per-layer costs -------------------------------------------------------
     def _layer_phase(self, moe_layer: bool) -> tuple[Phase, Phase]:
         """(forward, backward) of one layer for one micro-batch, recompute in backward."""
         ops = layer_ops(self.model, self.shard, moe_layer)
-        t = self.cluster
-        fwd = ops_time_s(t, self.dtype, ops)
-        bwd = ops_time_s(t, self.dtype, backward(ops))
-        gemm_f = ops_time_s(t, self.dtype, [o for o in ops if o.kind == "gemm"])
+        if self.dtype == "fp8":
+            ops += fp8_casts(ops)
+        fwd = self._time(ops)
+        bwd = self._time(backward(ops))
+        gemm_f = self._time([o for o in ops if o.kind == "gemm"])
         attn = [o for o in ops if o.kind == "attn" or o.name in ("qk", "pv", "softmax")]
-        attn_f = ops_time_s(t, self.dtype, attn)
-        attn_b = ops_time_s(t, self.dtype, backward(attn))
+        attn_f = self._time(attn)
+        attn_b = self._time(backward(attn))
         tp_f, tp_b = self._tp_comm(gemm_f)
         cp_f, cp_b = self._cp_comm(attn_f, attn_b)
         ep = self._ep_comm() if moe_layer else 0.0
@@ -187,9 +195,10 @@ class _Model:
             extra += embedding_ops(self.model, self.shard)
         if stage == len(self.stage_layers) - 1:
             extra += head_ops(self.model, self.shard)
-        if extra:
-            fwd = fwd + Phase(compute=ops_time_s(self.cluster, self.dtype, extra))
-            bwd = bwd + Phase(compute=ops_time_s(self.cluster, self.dtype, backward(extra)))
+        if extra:  # embedding and LM head stay in 16-bit under FP8 (torchao default)
+            dtype = "bf16" if self.dtype == "fp8" else self.dtype
+            fwd = fwd + Phase(compute=self._time(extra, dtype))
+            bwd = bwd + Phase(compute=self._time(backward(extra), dtype))
         return fwd, bwd
 
     def rank_phase(self, rank: int) -> Phase:

@@ -1,0 +1,66 @@
+"""Human-readable tables for the CLI."""
+
+from __future__ import annotations
+
+from meshplan.core.cluster import ClusterSpec
+from meshplan.core.model import ModelSpec
+from meshplan.core.results import SimResult
+from meshplan.core.workload import TrainWorkload
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def model_table(models: list[ModelSpec]) -> str:
+    rows = []
+    for m in models:
+        kind = f"MoE {m.moe.n_experts}x top-{m.moe.top_k}" if m.moe else "dense"
+        rows.append([m.name, _count(m.params()), _count(m.params(active=True)),
+                     str(m.n_layers), str(m.hidden_size), f"{m.n_heads}/{m.n_kv_heads}",
+                     m.attention_kind, kind])
+    return _table(["model", "params", "active", "layers", "hidden", "heads/kv", "attn", "kind"],
+                  rows)
+
+
+def cluster_table(clusters: list[ClusterSpec]) -> str:
+    rows = []
+    for c in clusters:
+        d, n = c.device, c.node
+        dtype = "bf16" if "bf16" in d.peak_flops_per_s else next(iter(d.peak_flops_per_s))
+        rows.append([c.name, d.name, f"{d.peak_flops_per_s[dtype] / 1e12:.4g} ({dtype})",
+                     f"{d.hbm_bytes / 1e9:.0f} GB", f"{d.hbm_bw_bytes_per_s / 1e12:.2f} TB/s",
+                     f"{n.gpus_per_node}x {n.fabric} {n.intra_bw_bytes_per_s / 1e9:.0f} GB/s",
+                     f"{n.nics_per_node}x {n.nic_bw_bytes_per_s * 8 / 1e9:.0f} Gb/s"])
+    return _table(["cluster", "device", "TFLOP/s", "HBM", "HBM bw", "node", "NICs"], rows)
+
+
+def sim_table(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, r: SimResult) -> str:
+    t, m = r.time, r.memory
+    head = (f"{model.name} on {cluster.n_gpus}x {cluster.device.name}, seq {work.seq_len}, "
+            f"batch {work.global_batch}, {work.dtype}\nplan: {r.plan.to_text()}  "
+            f"(engine: {r.engine})\n")
+    summary = _table(["metric", "value"], [
+        ["step time", f"{r.step_time_s:.3f} s"],
+        ["tokens/s", f"{r.tokens_per_s:,.0f}"],
+        ["model TFLOP/s per GPU", f"{r.tflops_per_gpu:.1f}"],
+        ["MFU / HFU", f"{r.mfu * 100:.1f}% / {r.hfu * 100:.1f}%"],
+        ["peak memory per GPU", f"{r.peak_memory_bytes / 1e9:.1f} GB of "
+                                f"{cluster.device.hbm_bytes / 1e9:.0f} GB"
+                                f" ({'fits' if r.fits else 'DOES NOT FIT'})"],
+    ])
+    times = [[k, f"{v:.3f} s", f"{v / r.step_time_s * 100:.1f}%"] for k, v in (
+        ("compute", t.compute), ("recompute", t.recompute), ("exposed comm", t.exposed_comm),
+        ("pipeline bubble", t.bubble), ("offload", t.offload), ("optimizer", t.optimizer))]
+    mems = [[k, f"{v / 1e9:.2f} GB"] for k, v in (
+        ("weights", m.weights), ("gradients", m.gradients), ("optimizer", m.optimizer),
+        ("activations", m.activations), ("kv cache", m.kv_cache), ("buffers", m.buffers))]
+    return "\n\n".join([head + summary, _table(["time", "seconds", "share"], times),
+                        _table(["memory", "bytes"], mems)])

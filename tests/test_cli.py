@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from meshplan.cli import main
+
+BASE = ["simulate", "--model", "llama3-70b", "--cluster", "h100-sxm", "--gpus", "64",
+        "--seq-len", "8192", "--global-batch", "512"]
+
+
+def test_simulate_json(capsys):
+    rc = main(BASE + ["--plan", "tp=8,pp=2,mbs=1,recompute=selective,zero=1,sp=on", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] and out["plan"]["dp"] == 4
+    for key in ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_bytes",
+                "memory_breakdown_bytes", "time_breakdown_s"):
+        assert key in out
+
+
+def test_issue_example_prints_keys_and_reports_oom(capsys):
+    rc = main(BASE + ["--plan", "tp=8,pp=2,mbs=1,recompute=selective,zero=1", "--json"])
+    captured = capsys.readouterr()
+    assert "step_time_s" in json.loads(captured.out)
+    assert rc == 3 and captured.err.count("\n") == 1 and "GB per GPU exceeds" in captured.err
+
+
+def test_human_table(capsys):
+    assert main(BASE + ["--plan", "tp=8,pp=2,sp=on,zero=1"]) == 0
+    out = capsys.readouterr().out
+    assert "step time" in out and "pipeline bubble" in out and "activations" in out
+
+
+@pytest.mark.parametrize("args,field,numbers", [
+    (["--model", "llama-9000"], "model", ["llama-9000"]),
+    (["--plan", "tp=8,pp=3"], "plan", ["24", "64"]),
+    (["--plan", "tp=3"], "plan", ["3", "64"]),
+    (["--plan", "tp=8,mbs=3"], "plan.mbs", ["512", "24"]),
+    (["--plan", "tp=16", "--model", "llama2-13b"], "plan.tp", ["40", "16"]),
+    (["--gpus", "12"], "cluster.gpus", ["12", "8"]),
+    (["--dtype", "fp8", "--cluster", "a100-80gb"], "workload.dtype", ["fp8"]),
+])
+def test_bad_input_one_line_no_traceback(capsys, args, field, numbers):
+    argv = list(BASE)
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    if "--plan" not in argv:
+        argv += ["--plan", "tp=8"]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: {field}:" in err
+    for n in numbers:
+        assert n in err
+
+
+def test_model_that_does_not_fit(capsys):
+    rc = main(["simulate", "--model", "llama3-405b", "--cluster", "h100-sxm", "--gpus", "8",
+               "--seq-len", "8192", "--global-batch", "8", "--plan", "tp=8"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "memory: peak" in err and "80.0 GB" in err
+
+
+def test_listings(capsys):
+    assert main(["models"]) == 0
+    assert "deepseek-v3" in capsys.readouterr().out
+    assert main(["clusters", "--json"]) == 0
+    assert "h100-sxm" in json.loads(capsys.readouterr().out)

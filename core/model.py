@@ -179,14 +179,19 @@ class ModelSpec:
 
     def params(self, active: bool = False) -> int:
         """Total parameters (or those active per token for MoE), excluding MTP modules."""
-        layers = sum(self.layer_params(i, active) for i in range(self.n_layers))
-        return self.embedding_params() + layers + self.head_params()
+        return self.embedding_params() + self._layers_params(active) + self.head_params()
+
+    def _layers_params(self, active: bool) -> int:
+        dense = self.n_dense_layers * self.layer_params(0, active) if self.n_dense_layers else 0
+        moe = self.n_moe_layers * self.layer_params(self.n_layers - 1, active) \
+            if self.n_moe_layers else 0
+        return dense + moe
 
     def matmul_params_per_token(self) -> int:
         """Parameters a token multiplies against (active experts, logits; no lookups).
 
         The `N` of the 6·N FLOPs-per-token rule in PaLM (Chowdhery et al. 2022, App. B).
         """
-        layers = sum(self.layer_params(i, active=True) for i in range(self.n_layers))
+        layers = self._layers_params(active=True)
         norms = 2 * self.norm_params() * self.n_layers
         return layers - norms + self.vocab_size * self.hidden_size

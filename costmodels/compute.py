@@ -38,10 +38,29 @@ def gemm_efficiency(dev: DeviceSpec, m: int, n: int, k: int, batch: int = 1) -> 
     return best * k / (k + K_FILL)
 
 
+# Searches time the same GEMM shapes for thousands of plans. Keyed by the device's identity;
+# the entry holds the device, so its id cannot be reused while cached.
+_GEMM_CACHE: dict[tuple, tuple[DeviceSpec, float]] = {}
+_GEMM_CACHE_MAX = 200_000
+
+
 def gemm_time_s(dev: DeviceSpec, dtype: str, m: int, n: int, k: int, batch: int = 1,
                 in_bytes: int = 2, out_bytes: int = 2) -> float:
     if m <= 0 or n <= 0 or k <= 0:
         return 0.0
+    key = (id(dev), dtype, m, n, k, batch, in_bytes, out_bytes)
+    hit = _GEMM_CACHE.get(key)
+    if hit is not None:
+        return hit[1]
+    if len(_GEMM_CACHE) >= _GEMM_CACHE_MAX:
+        _GEMM_CACHE.clear()
+    t = _gemm_time_s(dev, dtype, m, n, k, batch, in_bytes, out_bytes)
+    _GEMM_CACHE[key] = (dev, t)
+    return t
+
+
+def _gemm_time_s(dev: DeviceSpec, dtype: str, m: int, n: int, k: int, batch: int,
+                 in_bytes: int, out_bytes: int) -> float:
     flops = 2.0 * m * n * k * batch
     rate = dev.peak(dtype) * dev.gemm_fraction(dtype) * gemm_efficiency(dev, m, n, k, batch)
     traffic = ((m * k + k * n) * in_bytes + m * n * out_bytes) * batch

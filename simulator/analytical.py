@@ -109,6 +109,10 @@ class _Model:
         self.layer_phase = {False: self._layer_phase(False)}
         if model.moe:
             self.layer_phase[True] = self._layer_phase(True)
+        n = len(self.stage_layers)
+        self.kinds = [self._stage_kinds(s) for s in range(n)]
+        self.phases = [self._stage_phase(s) for s in range(n)]
+        self.params = [self._stage_params(s) for s in range(n)]
 
     def _time(self, ops: list[Op], dtype: str | None = None) -> float:
         return ops_time_s(self.cluster, dtype or self.dtype, ops, self.plan.kernels == "eager")
@@ -174,7 +178,7 @@ class _Model:
         return 2 * coll.collective_time_s(self.cluster, self.ep_group, "all_to_all", nbytes)
 
     # ---- stages -----------------------------------------------------------------
-    def stage_kinds(self, stage: int) -> tuple[int, int]:
+    def _stage_kinds(self, stage: int) -> tuple[int, int]:
         """(dense layers, MoE layers) of a virtual stage."""
         start = sum(self.stage_layers[:stage])
         n = self.stage_layers[stage]
@@ -183,8 +187,8 @@ class _Model:
         dense = max(0, min(start + n, self.model.moe.first_k_dense) - start)
         return dense, n - dense
 
-    def stage_phase(self, stage: int) -> tuple[Phase, Phase]:
-        dense, moe = self.stage_kinds(stage)
+    def _stage_phase(self, stage: int) -> tuple[Phase, Phase]:
+        dense, moe = self.kinds[stage]
         f, b = self.layer_phase[False]
         fwd, bwd = f.scale(dense), b.scale(dense)
         if moe:
@@ -205,7 +209,7 @@ class _Model:
         """Per micro-batch work of pipeline rank `rank` over all its chunks."""
         total = Phase()
         for stage in range(rank, len(self.stage_layers), self.plan.pp):
-            f, b = self.stage_phase(stage)
+            f, b = self.phases[stage]
             total = total + f + b
         return total
 
@@ -215,10 +219,10 @@ class _Model:
         return coll.p2p_time_s(self.cluster, self.pp_crosses_node, nbytes)
 
     # ---- parameters and memory ---------------------------------------------------------
-    def stage_params(self, stage: int) -> tuple[float, float]:
+    def _stage_params(self, stage: int) -> tuple[float, float]:
         """(dense, expert) parameters a rank holds for one virtual stage."""
         m, p = self.model, self.plan
-        dense_layers, moe_layers = self.stage_kinds(stage)
+        dense_layers, moe_layers = self.kinds[stage]
         attn_norm = m.attention_params() + 2 * m.norm_params()
         dense = dense_layers * (attn_norm + m.mlp_params(m.ffn_hidden_size)) / p.tp
         expert = 0.0
@@ -239,7 +243,7 @@ class _Model:
     def rank_params(self, rank: int) -> tuple[float, float]:
         dense = expert = 0.0
         for stage in range(rank, len(self.stage_layers), self.plan.pp):
-            d, e = self.stage_params(stage)
+            d, e = self.params[stage]
             dense, expert = dense + d, expert + e
         return dense, expert
 
@@ -262,7 +266,7 @@ class _Model:
         p = self.plan
         per_mb = 0.0
         for stage in range(rank, len(self.stage_layers), p.pp):
-            dense, moe = self.stage_kinds(stage)
+            dense, moe = self.kinds[stage]
             per_mb += dense * mem.layer_activation_bytes(self.model, self.shard, p.recompute,
                                                          False)
             if moe:
@@ -351,7 +355,7 @@ def _assemble(cm: _Model) -> SimResult:
     p2p = 2 * (plan.pp - 1) * cm.p2p_s() if plan.pp > 1 else 0.0
     pipeline = cm.m * t_max + fill + p2p
 
-    fwd_b = [cm.stage_phase(s) for s in range(worst, len(cm.stage_layers), plan.pp)]
+    fwd_b = cm.phases[worst::plan.pp]
     phase_f = sum(f.total for f, _ in fwd_b)
     phase_b = sum(b.total for _, b in fwd_b)
     dp_exposed, dp_total = cm.dp_exposed_s(worst, phase_f, phase_b)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from .errors import SpecError, require
 
 Schedule = Literal["gpipe", "1f1b", "interleaved", "zb", "dualpipe"]
-Recompute = Literal["none", "selective", "full"]
+Recompute = Literal["none", "selective", "op", "full"]
 Offload = Literal["none", "optimizer"]
 Attention = Literal["flash", "unfused"]
 Kernels = Literal["fused", "eager"]
@@ -25,7 +25,7 @@ _INT_KEYS = ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "mbs", "zero")
 _ON_OFF = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
 _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("gpipe", "1f1b", "interleaved", "zb", "dualpipe"),
-    "recompute": ("none", "selective", "full"),
+    "recompute": ("none", "selective", "op", "full"),
     "offload": ("none", "optimizer"),
     "attn": ("flash", "unfused"),
     "kernels": ("fused", "eager"),

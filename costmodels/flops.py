@@ -234,11 +234,13 @@ def recompute_flops_per_token(model: ModelSpec, seq: int, recompute: str) -> flo
     """Extra forward FLOPs that activation recomputation adds, in the same convention.
 
     Full: the forward of every transformer layer again (not the logits), as eq. 3 counts.
-    Selective: the attention core (Korthikanti et al. 2022, §5).
+    Selective: the attention core (Korthikanti et al. 2022, §5). Op: every other matmul.
     """
+    layer_matmul = model.matmul_params_per_token() - model.vocab_size * model.hidden_size
     if recompute == "full":
-        layer_matmul = model.matmul_params_per_token() - model.vocab_size * model.hidden_size
         return 2.0 * layer_matmul + attention_flops_per_token(model, seq)
+    if recompute == "op":
+        return layer_matmul
     if recompute == "selective":
         return attention_flops_per_token(model, seq)
     return 0.0

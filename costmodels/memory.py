@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from meshplan.core.model import ModelSpec
 
-from .flops import Shard
+from .flops import Shard, layer_ops
 
 
 def model_state_bytes(params: float, dp: int, zero: int, optimizer_bytes: int = 12,
@@ -41,6 +41,8 @@ def layer_activation_bytes(model: ModelSpec, s: Shard, recompute: str, moe_layer
     t, t_sp = s.tokens, s.sp_tokens
     if recompute == "full":
         return b * t_sp * h
+    if recompute == "op":
+        return _op_checkpoint_bytes(model, s, moe_layer)
     drop = model.dropout if dropout is None else dropout
     mask = t_sp * h if drop else 0  # 1-byte dropout masks
     attn = _attention_activations(model, s, recompute, drop) + 2 * b * t_sp * h + mask
@@ -51,6 +53,18 @@ def layer_activation_bytes(model: ModelSpec, s: Shard, recompute: str, moe_layer
         f = model.ffn_hidden_size // s.tp
         mlp += b * t * f * (3 if model.mlp == "swiglu" else 2)
     return attn + mlp
+
+
+def _op_checkpoint_bytes(model: ModelSpec, s: Shard, moe_layer: bool) -> float:
+    """Per-op selective checkpointing (torchtitan's `selective_ac_option="op"`): keep the
+    layer input, the attention output and log-sum-exp, and the outputs of every other
+    matmul (on average half of them); recompute everything else in backward."""
+    gemm_out = sum(o.m * o.n * o.batch for o in layer_ops(model, s, moe_layer)
+                   if o.kind == "gemm")
+    heads = model.n_heads // s.tp
+    attn_out = s.tokens * model.attn_out_dim // s.tp
+    lse = 4 * s.mbs * heads * (s.seq // s.cp)
+    return s.act_bytes * (s.sp_tokens * model.hidden_size + attn_out + gemm_out / 2) + lse
 
 
 def _attention_activations(model: ModelSpec, s: Shard, recompute: str, dropout: bool) -> float:

@@ -133,8 +133,9 @@ class _Model:
         cp_f, cp_b = self._cp_comm(attn_f, attn_b)
         ep = self._ep_comm() if moe_layer else 0.0
         comm_f, comm_b = tp_f + cp_f + ep, tp_b + cp_b + ep
-        rc = self.plan.recompute
-        recompute = fwd + comm_f if rc == "full" else attn_f if rc == "selective" else 0.0
+        recompute = {"full": fwd + comm_f, "selective": attn_f, "none": 0.0,
+                     "op": gemm_f / 2 + self._time([o for o in ops if o.kind == "mem"])}[
+            self.plan.recompute]
         return (Phase(compute=fwd, comm=comm_f),
                 Phase(compute=bwd, recompute=recompute, comm=comm_b))
 
@@ -256,9 +257,11 @@ class _Model:
         optimizer = 0.0 if p.offload == "optimizer" else od + oe
         acts = self._rank_activations(rank)
         buffers = self.cluster.device.runtime_reserved_bytes
-        if p.zero == 3:  # current and prefetched layer gathered, plus their gradients
+        if p.zero == 3 and p.pp > 1:  # gathered for the whole step, 16-bit grads beside
+            buffers += 4 * (dense + expert)
+        elif p.zero == 3:  # current and prefetched layer gathered, plus their gradients
             layer = (dense + expert) / max(1, sum(self.stage_layers[rank::p.pp]))
-            buffers += 2 * 4 * layer * (p.dp * p.cp)
+            buffers += 2 * 4 * layer
         return MemoryBreakdown(weights=wd + we, gradients=gd + ge, optimizer=optimizer,
                                activations=acts, buffers=buffers)
 
@@ -293,7 +296,7 @@ class _Model:
             grad_bytes = 2 * params
             if group.size <= 1 or params == 0:
                 continue
-            if p.zero == 3:
+            if p.zero == 3 and p.pp == 1:  # FSDP: gather for forward and again for backward
                 ag = coll.collective_time_s(c, group, "all_gather", grad_bytes)
                 rs = coll.collective_time_s(c, group, "reduce_scatter", grad_bytes)
                 total += self.m * (2 * ag + rs)
@@ -304,6 +307,8 @@ class _Model:
                 else:
                     exposed += self.m * (2 * ag + rs)
                 continue
+            # ZeRO-3 under pipelining keeps parameters gathered for the step (torchtitan's
+            # reshard_after_forward=False with PP): one gather, one reduce-scatter, as ZeRO-1.
             if p.zero == 0:
                 grads = coll.collective_time_s(c, group, "all_reduce", grad_bytes)
                 gather = 0.0

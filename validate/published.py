@@ -47,15 +47,22 @@ class Case:
     measured: float
 
 
-def _gpt(rec: dict, *, dropout: bool, vocab: int | None = None) -> ModelSpec:
+def _gpt(rec: dict, *, dropout: bool, tied: bool = True) -> ModelSpec:
     m = rec["model"]
     return model_from_dict({
         "name": rec["id"], "n_layers": m["layers"], "hidden_size": m["hidden"],
         "n_heads": m["heads"], "ffn_hidden_size": m.get("ffn_hidden") or 4 * m["hidden"],
-        "vocab_size": vocab or m["vocab"], "mlp": "gelu", "norm": "layernorm",
-        "position": "learned", "max_position": m["seq_len"], "tied_embeddings": True,
+        "vocab_size": m["vocab"], "mlp": "gelu", "norm": "layernorm",
+        "position": "learned", "max_position": m["seq_len"], "tied_embeddings": tied,
         "bias": True, "dropout": dropout,
     })
+
+
+def _untied_if_label_says_so(rec: dict) -> ModelSpec:
+    """The README's size labels (1.7B, 7.1B, ...) match untied input/output embeddings."""
+    label = float(rec["model"]["params_label"].rstrip("B")) * 1e9
+    tied, untied = _gpt(rec, dropout=False), _gpt(rec, dropout=False, tied=False)
+    return min((tied, untied), key=lambda m: abs(m.params() - label))
 
 
 def _llama(rec: dict) -> ModelSpec:
@@ -105,7 +112,7 @@ def megatron_h100_case(rec: dict) -> Case | None:
         return None
     base = Plan(dp=p["dp"], tp=p["tp"], pp=p["pp"], cp=1, zero=1, sp=p["tp"] > 1,
                 tp_overlap=True, dp_overlap=True)
-    model = _gpt(rec, dropout=False)
+    model = _untied_if_label_says_so(rec)
     return Case(id=rec["id"], model=model,
                 cluster=load_cluster("h100-sxm", rec["hardware"]["gpus"]),
                 work=TrainWorkload(seq_len=rec["model"]["seq_len"],
@@ -130,7 +137,7 @@ def torchtitan_case(rec: dict) -> Case | None:
     local = p["microbatch"]  # torchtitan's per-DP-rank batch
     pp = p.get("pp") or 1
     mbs = 1 if pp > 1 else local  # torchtitan pipelines one sequence per micro-batch
-    recompute = "full" if p["recompute"] == "full" else "selective"
+    recompute = "full" if p["recompute"] == "full" else "op"  # torchtitan's SAC default
     plan = Plan(dp=p["dp"], tp=p["tp"], pp=pp, cp=p.get("cp") or 1, mbs=mbs, zero=3,
                 sp=p["tp"] > 1, recompute=recompute, tp_overlap="AsyncTP" in name,
                 schedule="interleaved" if "Interleaved" in (p.get("schedule") or "") else "1f1b",

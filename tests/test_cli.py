@@ -69,3 +69,28 @@ def test_listings(capsys):
     assert "deepseek-v3" in capsys.readouterr().out
     assert main(["clusters", "--json"]) == 0
     assert "h100-sxm" in json.loads(capsys.readouterr().out)
+
+
+def test_model_and_cluster_from_files(tmp_path, capsys):
+    from importlib import resources
+    text = (resources.files("meshplan.core") / "catalog" / "clusters" / "a100-80gb.toml"
+            ).read_text().replace('name = "a100-80gb"', 'name = "my-a100s"')
+    (tmp_path / "mine.toml").write_text(text.replace("oversubscription = 1.0",
+                                                     "oversubscription = 2.0"))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 2048,
+                               "intermediate_size": 5632, "num_attention_heads": 16,
+                               "num_hidden_layers": 22, "num_key_value_heads": 4,
+                               "vocab_size": 32000}))
+    rc = main(["simulate", "--model", str(cfg), "--cluster", str(tmp_path / "mine.toml"),
+               "--gpus", "16", "--seq-len", "2048", "--global-batch", "64", "--plan", "zero=1",
+               "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] and out["plan"]["dp"] == 16
+
+
+def test_bad_cluster_file_names_the_key(tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text('name = "x"\n[device]\nname = "g"\nbogus = 1\n')
+    rc = main(BASE[:3] + ["--cluster", str(tmp_path / "bad.toml")] + BASE[5:] + ["--plan", "tp=8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bogus" in err and err.count("\n") == 1

@@ -50,30 +50,39 @@ def group_of(cluster: ClusterSpec, size: int, stride: int) -> Group:
     return Group(size=size, per_node=per_node)
 
 
+def _intra_bw(cluster: ClusterSpec) -> float:
+    """Achievable fabric bandwidth per GPU per direction (ring bus bandwidth)."""
+    return cluster.node.intra_bw_bytes_per_s * cluster.node.intra_efficiency
+
+
+def _nic_bw(cluster: ClusterSpec, group: Group) -> float:
+    """Achievable NIC bandwidth per GPU of the group, less spine oversubscription."""
+    bw = cluster.nic_bw_per_gpu_bytes_per_s * cluster.node.nic_efficiency
+    if cluster.span_tier(group.per_node, group.size) == "spine":
+        bw /= cluster.network.oversubscription
+    return bw
+
+
 def bus_bandwidth(cluster: ClusterSpec, group: Group, op: Collective) -> float:
     node = cluster.node
-    intra = node.intra_bw_bytes_per_s * node.intra_efficiency
+    intra = _intra_bw(cluster)
     if op == "all_reduce" and node.intra_allreduce_busbw_bytes_per_s and group.per_node > 2:
         intra = node.intra_allreduce_busbw_bytes_per_s
     if group.nodes <= 1:
         return intra
-    inter = group.per_node * cluster.nic_bw_per_gpu_bytes_per_s * node.nic_efficiency
-    if cluster.span_tier(group.per_node, group.size) == "spine":
-        inter /= cluster.network.oversubscription
+    inter = group.per_node * _nic_bw(cluster, group)
     return min(intra, inter) if group.per_node > 1 else inter
 
 
 def latency_s(cluster: ClusterSpec, group: Group, op: Collective) -> float:
     """Ring steps inside a node plus a tree over nodes (NCCL picks tree for latency)."""
     node = cluster.node
-    if op == "p2p":
+    if op in ("p2p", "all_to_all"):  # all peers at once: one latency of the tier crossed
         return node.inter_latency_s if group.nodes > 1 else node.intra_latency_s
     rounds = 2 if op == "all_reduce" else 1
     intra = rounds * (group.per_node - 1) * node.intra_latency_s
     inter = rounds * math.ceil(math.log2(group.nodes)) * node.inter_latency_s \
         if group.nodes > 1 else 0.0
-    if op == "all_to_all":  # every peer at once: one network latency per tier crossed
-        return node.inter_latency_s if group.nodes > 1 else node.intra_latency_s
     return intra + inter
 
 
@@ -90,16 +99,11 @@ def collective_time_s(cluster: ClusterSpec, group: Group, op: Collective,
 
 def _all_to_all_spanning(cluster: ClusterSpec, group: Group, size_bytes: float) -> float:
     """Intra-node and inter-node shares of an all-to-all move in parallel; the slower wins."""
-    node = cluster.node
     n = group.size
     intra_share = (group.per_node - 1) / n * size_bytes
     inter_share = (n - group.per_node) / n * size_bytes
-    intra_bw = node.intra_bw_bytes_per_s * node.intra_efficiency
-    inter_bw = cluster.nic_bw_per_gpu_bytes_per_s * node.nic_efficiency
-    if cluster.span_tier(group.per_node, n) == "spine":
-        inter_bw /= cluster.network.oversubscription
-    return latency_s(cluster, group, "all_to_all") + max(intra_share / intra_bw,
-                                                         inter_share / inter_bw)
+    return latency_s(cluster, group, "all_to_all") + max(
+        intra_share / _intra_bw(cluster), inter_share / _nic_bw(cluster, group))
 
 
 def p2p_time_s(cluster: ClusterSpec, crosses_node: bool, size_bytes: float) -> float:
@@ -108,4 +112,4 @@ def p2p_time_s(cluster: ClusterSpec, crosses_node: bool, size_bytes: float) -> f
     if crosses_node:
         bw = cluster.nic_bw_per_gpu_bytes_per_s * node.nic_efficiency
         return node.inter_latency_s + size_bytes / bw
-    return node.intra_latency_s + size_bytes / (node.intra_bw_bytes_per_s * node.intra_efficiency)
+    return node.intra_latency_s + size_bytes / _intra_bw(cluster)

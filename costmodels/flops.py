@@ -28,10 +28,6 @@ class Op:
     kv_len: int = 0  # attn: keys per query
     bytes: float = 0.0  # mem: bytes read + written
 
-    @property
-    def total_flops(self) -> float:
-        return 2.0 * self.m * self.n * self.k * self.batch if self.kind == "gemm" else self.flops
-
 
 @dataclass(frozen=True, kw_only=True)
 class Shard:
@@ -58,6 +54,13 @@ class Shard:
         return self.tokens // self.tp if self.sp else self.tokens
 
 
+def kv_width(model: ModelSpec, tp: int) -> int:
+    """Width of K (= of V) per token on one TP rank; KV heads replicate when tp > n_kv."""
+    if model.mla:
+        return model.kv_dim // tp
+    return max(model.n_kv_heads // tp, 1) * model.head_dim
+
+
 def _gemm(name: str, m: int, k: int, n: int, batch: int = 1) -> Op:
     return Op(name=name, kind="gemm", m=m, n=n, k=k, batch=batch)
 
@@ -82,7 +85,7 @@ def attention_ops(model: ModelSpec, s: Shard) -> list[Op]:
                 _gemm("kv_up", t, m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim))]
         qk_dim, v_dim = heads * qk_head, heads * m.v_head_dim
     else:
-        kv_local = max(model.n_kv_heads // tp, 1) * model.head_dim  # replicated if tp > kv
+        kv_local = kv_width(model, tp)
         q_local = heads * model.head_dim
         ops.append(_gemm("qkv", t, h, q_local + 2 * kv_local))
         ops.append(_mem("rope", 2 * t * (q_local + kv_local) * b))

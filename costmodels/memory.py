@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from meshplan.core.model import ModelSpec
 
-from .flops import Shard, layer_ops
+from .flops import Shard, kv_width, layer_ops
 
 
 def model_state_bytes(params: float, dp: int, zero: int, optimizer_bytes: int = 12,
@@ -78,7 +78,7 @@ def _attention_activations(model: ModelSpec, s: Shard, recompute: str, dropout: 
         out = t * heads * m.v_head_dim
         stored = b * (latents + qkv + out)
     else:
-        kv_local = max(model.n_kv_heads // tp, 1) * model.head_dim
+        kv_local = kv_width(model, tp)
         q_local = heads * model.head_dim
         stored = b * t * (2 * q_local + 2 * kv_local)
     q_len, kv_len = s.seq // s.cp, s.seq

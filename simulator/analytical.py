@@ -32,6 +32,7 @@ from meshplan.costmodels.flops import (
     embedding_ops,
     fp8_casts,
     head_ops,
+    kv_width,
     layer_ops,
     model_flops_per_token,
     recompute_flops_per_token,
@@ -160,10 +161,7 @@ class _Model:
         """Ring attention: K/V blocks travel cp−1 hops, hidden behind blockwise attention."""
         if self.plan.cp == 1:
             return 0.0, 0.0
-        m = self.model
-        kv_local = max(m.n_kv_heads // self.plan.tp, 1) * m.head_dim if not m.mla else \
-            m.kv_dim // self.plan.tp
-        step = 2 * self.shard.tokens * kv_local * self.shard.act_bytes
+        step = 2 * self.shard.tokens * kv_width(self.model, self.plan.tp) * self.shard.act_bytes
         crosses = self.cp_group.nodes > 1
         ring = (self.plan.cp - 1) * coll.p2p_time_s(self.cluster, crosses, step)
         return max(0.0, ring - attn_f), max(0.0, 2 * ring - attn_b)
@@ -343,8 +341,8 @@ def simulate_analytical(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkl
     plan = plan.resolve(cluster.n_gpus)
     problems = check_plan(model, cluster, work, plan)
     if problems:
-        raise SpecError(problems[0].field, "; ".join(str(v) for v in problems)[
-            len(problems[0].field) + 2:])
+        first, rest = problems[0], [str(v) for v in problems[1:]]
+        raise SpecError(first.field, "; ".join([first.message, *rest]))
     if plan.schedule == "interleaved" and plan.vpp == 1:
         plan = replace(plan, schedule="1f1b")
     cm = _Model(model, cluster, work, plan)

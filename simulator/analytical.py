@@ -12,7 +12,8 @@ states plus the activations of the micro-batches its schedule keeps alive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from meshplan.core.check import check_plan
 from meshplan.core.cluster import ClusterSpec
@@ -87,11 +88,28 @@ def default_stage_layers(n_layers: int, n_stages: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
-class _Model:
+@dataclass(kw_only=True)
+class CostCache:
+    """Per-layer costs shared by every plan of one (model, cluster, workload).
+
+    A search evaluates thousands of plans that differ only in degrees and options; the
+    layer costs depend on a few of them (the Shard, recompute, overlap, kernels), so one
+    cache per search turns most evaluations into arithmetic. Pass the same cache only
+    with the same model, cluster and workload.
+    """
+
+    layer: dict = field(default_factory=dict)
+    ends: dict = field(default_factory=dict)
+    acts: dict = field(default_factory=dict)
+
+
+class PlanCosts:
     """The costs of one (model, cluster, workload, plan), computed once and reused."""
 
-    def __init__(self, model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan):
+    def __init__(self, model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,
+                 cache: CostCache | None = None):
         self.model, self.cluster, self.work, self.plan = model, cluster, work, plan
+        self.cache = cache if cache is not None else CostCache()
         self.dtype = work.dtype
         self.shard = Shard(mbs=plan.mbs, seq=work.seq_len, tp=plan.tp, cp=plan.cp, sp=plan.sp,
                            ep=plan.ep, etp=plan.etp, attn=plan.attn,
@@ -107,13 +125,45 @@ class _Model:
         self.edp = plan.dp * plan.cp * plan.tp // (plan.ep * plan.etp)
         self.edp_group = coll.group_of(cluster, self.edp, plan.ep * plan.etp)
         self.pp_crosses_node = plan.tp * plan.cp * plan.dp >= gpn
-        self.layer_phase = {False: self._layer_phase(False)}
-        if model.moe:
-            self.layer_phase[True] = self._layer_phase(True)
         n = len(self.stage_layers)
         self.kinds = [self._stage_kinds(s) for s in range(n)]
-        self.phases = [self._stage_phase(s) for s in range(n)]
-        self.params = [self._stage_params(s) for s in range(n)]
+        self._layer_params = {k: self._one_layer_params(k) for k in (False, True)}
+        seen: dict[tuple, tuple[float, float]] = {}
+        self.params = []
+        for s in range(n):
+            key = (self.kinds[s], s == 0, s == n - 1)
+            if key not in seen:
+                seen[key] = self._stage_params(s)
+            self.params.append(seen[key])
+        self.signatures = [tuple((self.kinds[s], s == 0, s == n - 1)
+                                 for s in range(r, n, plan.pp)) for r in range(plan.pp)]
+
+    @cached_property
+    def phases(self) -> list[tuple[Phase, Phase]]:
+        """(forward, backward) per virtual stage; stages alike in layers share one value."""
+        seen: dict[tuple, tuple[Phase, Phase]] = {}
+        out = []
+        last = len(self.stage_layers) - 1
+        for s in range(last + 1):
+            key = (self.kinds[s], s == 0, s == last)
+            if key not in seen:
+                seen[key] = self._stage_phase(s)
+            out.append(seen[key])
+        return out
+
+    def layer_phase(self, moe_layer: bool) -> tuple[Phase, Phase]:
+        p = self.plan
+        key = (self.shard, p.recompute, p.tp_overlap, p.kernels, moe_layer)
+        if key not in self.cache.layer:
+            self.cache.layer[key] = self._layer_phase(moe_layer)
+        return self.cache.layer[key]
+
+    def layer_acts(self, recompute: str, moe_layer: bool) -> float:
+        key = (self.shard, recompute, moe_layer)
+        if key not in self.cache.acts:
+            self.cache.acts[key] = mem.layer_activation_bytes(self.model, self.shard, recompute,
+                                                              moe_layer)
+        return self.cache.acts[key]
 
     def _time(self, ops: list[Op], dtype: str | None = None) -> float:
         return ops_time_s(self.cluster, dtype or self.dtype, ops, self.plan.kernels == "eager")
@@ -188,29 +238,50 @@ class _Model:
 
     def _stage_phase(self, stage: int) -> tuple[Phase, Phase]:
         dense, moe = self.kinds[stage]
-        f, b = self.layer_phase[False]
+        f, b = self.layer_phase(False)
         fwd, bwd = f.scale(dense), b.scale(dense)
         if moe:
-            fm, bm = self.layer_phase[True]
+            fm, bm = self.layer_phase(True)
             fwd, bwd = fwd + fm.scale(moe), bwd + bm.scale(moe)
-        extra: list[Op] = []
-        if stage == 0:
-            extra += embedding_ops(self.model, self.shard)
-        if stage == len(self.stage_layers) - 1:
-            extra += head_ops(self.model, self.shard)
-        if extra:  # embedding and LM head stay in 16-bit under FP8 (torchao default)
-            dtype = "bf16" if self.dtype == "fp8" else self.dtype
-            fwd = fwd + Phase(compute=self._time(extra, dtype))
-            bwd = bwd + Phase(compute=self._time(backward(extra), dtype))
+        first, last = stage == 0, stage == len(self.stage_layers) - 1
+        if first or last:
+            ef, eb = self.ends_phase(first, last)
+            fwd, bwd = fwd + ef, bwd + eb
         return fwd, bwd
 
+    def ends_phase(self, first: bool, last: bool) -> tuple[Phase, Phase]:
+        """Embedding (first stage) and LM head + loss (last stage) of one micro-batch."""
+        key = (self.shard, self.plan.kernels, first, last)
+        if key not in self.cache.ends:
+            extra: list[Op] = []
+            if first:
+                extra += embedding_ops(self.model, self.shard)
+            if last:
+                extra += head_ops(self.model, self.shard)
+            # embedding and LM head stay in 16-bit under FP8 (torchao default)
+            dtype = "bf16" if self.dtype == "fp8" else self.dtype
+            self.cache.ends[key] = (Phase(compute=self._time(extra, dtype)),
+                                    Phase(compute=self._time(backward(extra), dtype)))
+        return self.cache.ends[key]
+
+    @cached_property
+    def rank_phases(self) -> list[Phase]:
+        """Per micro-batch work of each pipeline rank over all its chunks."""
+        seen: dict[tuple, Phase] = {}
+        out = []
+        for rank in range(self.plan.pp):
+            sig = self.signatures[rank]
+            if sig not in seen:
+                total = Phase()
+                for stage in range(rank, len(self.stage_layers), self.plan.pp):
+                    f, b = self.phases[stage]
+                    total = total + f + b
+                seen[sig] = total
+            out.append(seen[sig])
+        return out
+
     def rank_phase(self, rank: int) -> Phase:
-        """Per micro-batch work of pipeline rank `rank` over all its chunks."""
-        total = Phase()
-        for stage in range(rank, len(self.stage_layers), self.plan.pp):
-            f, b = self.phases[stage]
-            total = total + f + b
-        return total
+        return self.rank_phases[rank]
 
     def p2p_s(self) -> float:
         """One pipeline send; steady-state sends hide behind compute, fill/drain's do not."""
@@ -218,26 +289,50 @@ class _Model:
         return coll.p2p_time_s(self.cluster, self.pp_crosses_node, nbytes)
 
     # ---- parameters and memory ---------------------------------------------------------
-    def _stage_params(self, stage: int) -> tuple[float, float]:
-        """(dense, expert) parameters a rank holds for one virtual stage."""
+    def layer_params(self, moe_layer: bool) -> tuple[float, float]:
+        """(dense, expert) parameters one transformer layer puts on a rank."""
+        return self._layer_params[moe_layer]
+
+    def _one_layer_params(self, moe_layer: bool) -> tuple[float, float]:
         m, p = self.model, self.plan
-        dense_layers, moe_layers = self.kinds[stage]
         attn_norm = m.attention_params() + 2 * m.norm_params()
-        dense = dense_layers * (attn_norm + m.mlp_params(m.ffn_hidden_size)) / p.tp
-        expert = 0.0
-        if moe_layers and m.moe:
-            moe = m.moe
-            shared = moe.n_shared_experts * m.mlp_params(moe.shared_ffn)
-            router = m.hidden_size * moe.n_experts
-            dense += moe_layers * ((attn_norm + shared) / p.tp + router)
-            expert = moe_layers * moe.n_experts * m.mlp_params(moe.expert_ffn_hidden_size) \
-                / (p.ep * p.etp)
-        if stage == 0:
-            dense += m.embedding_params() / p.tp
-        if stage == len(self.stage_layers) - 1:
-            dense += m.norm_params() + (m.vocab_size * m.hidden_size / p.tp
-                                        if not m.tied_embeddings or p.pp > 1 else 0)
-        return dense, expert
+        if not moe_layer or m.moe is None:
+            return (attn_norm + m.mlp_params(m.ffn_hidden_size)) / p.tp, 0.0
+        moe = m.moe
+        shared = moe.n_shared_experts * m.mlp_params(moe.shared_ffn)
+        router = m.hidden_size * moe.n_experts
+        expert = moe.n_experts * m.mlp_params(moe.expert_ffn_hidden_size) / (p.ep * p.etp)
+        return (attn_norm + shared) / p.tp + router, expert
+
+    def end_params(self, first: bool, last: bool) -> float:
+        """Embedding (first stage) and final norm + LM head (last stage) on a rank."""
+        m, p = self.model, self.plan
+        out = m.embedding_params() / p.tp if first else 0.0
+        if last:
+            out += m.norm_params() + (m.vocab_size * m.hidden_size / p.tp
+                                      if not m.tied_embeddings or p.pp > 1 else 0)
+        return out
+
+    def _stage_params(self, stage: int) -> tuple[float, float]:
+        """(dense, expert) parameters a rank holds for one virtual stage.
+        Ranks with equal `signatures` hold the same layers, embedding and head."""
+        n_dense, n_moe = self.kinds[stage]
+        d0, e0 = self.layer_params(False)
+        d1, e1 = self.layer_params(True) if n_moe else (0.0, 0.0)
+        dense = n_dense * d0 + n_moe * d1 + self.end_params(
+            stage == 0, stage == len(self.stage_layers) - 1)
+        return dense, n_dense * e0 + n_moe * e1
+
+    def state_bytes(self, dense: float, expert: float) -> tuple[float, float, float, float]:
+        """(weights, gradients, optimizer, gathered buffers) bytes for parameters on a rank."""
+        p = self.plan
+        k = self.work.optimizer_state_bytes
+        wd, gd, od = mem.model_state_bytes(dense, p.dp * p.cp, p.zero, k)
+        we, ge, oe = mem.model_state_bytes(expert, self.edp, p.zero, k)
+        optimizer = 0.0 if p.offload == "optimizer" else od + oe
+        # ZeRO-3 under pipelining: gathered for the whole step, 16-bit grads beside
+        gathered = 4 * (dense + expert) if p.zero == 3 and p.pp > 1 else 0.0
+        return wd + we, gd + ge, optimizer, gathered
 
     def rank_params(self, rank: int) -> tuple[float, float]:
         dense = expert = 0.0
@@ -247,40 +342,47 @@ class _Model:
         return dense, expert
 
     def rank_memory(self, rank: int) -> MemoryBreakdown:
-        p, w = self.plan, self.work
+        p = self.plan
         dense, expert = self.rank_params(rank)
-        k = w.optimizer_state_bytes
-        wd, gd, od = mem.model_state_bytes(dense, p.dp * p.cp, p.zero, k)
-        we, ge, oe = mem.model_state_bytes(expert, self.edp, p.zero, k)
-        optimizer = 0.0 if p.offload == "optimizer" else od + oe
-        acts = self._rank_activations(rank)
-        buffers = self.cluster.device.runtime_reserved_bytes
-        if p.zero == 3 and p.pp > 1:  # gathered for the whole step, 16-bit grads beside
-            buffers += 4 * (dense + expert)
-        elif p.zero == 3:  # current and prefetched layer gathered, plus their gradients
+        weights, grads, optimizer, gathered = self.state_bytes(dense, expert)
+        buffers = self.cluster.device.runtime_reserved_bytes + gathered
+        if p.zero == 3 and p.pp == 1:  # current and prefetched layer gathered, + their grads
             layer = (dense + expert) / max(1, sum(self.stage_layers[rank::p.pp]))
             buffers += 2 * 4 * layer
-        return MemoryBreakdown(weights=wd + we, gradients=gd + ge, optimizer=optimizer,
-                               activations=acts, buffers=buffers)
+        return MemoryBreakdown(weights=weights, gradients=grads, optimizer=optimizer,
+                               activations=self._rank_activations(rank), buffers=buffers)
 
     def _rank_activations(self, rank: int) -> float:
         p = self.plan
-        per_mb = 0.0
-        for stage in range(rank, len(self.stage_layers), p.pp):
-            dense, moe = self.kinds[stage]
-            per_mb += dense * mem.layer_activation_bytes(self.model, self.shard, p.recompute,
-                                                         False)
-            if moe:
-                per_mb += moe * mem.layer_activation_bytes(self.model, self.shard, p.recompute,
-                                                           True)
+        dense = sum(self.kinds[s][0] for s in range(rank, len(self.stage_layers), p.pp))
+        moe = sum(self.kinds[s][1] for s in range(rank, len(self.stage_layers), p.pp))
+        per_mb = dense * self.layer_acts(p.recompute, False)
+        if moe:
+            per_mb += moe * self.layer_acts(p.recompute, True)
         live = mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, self.m)
-        acts = per_mb * live
-        if p.recompute == "full":  # one layer's full activations during its recompute
-            acts += mem.layer_activation_bytes(self.model, self.shard, "none",
-                                               self.model.is_moe)
+        acts = per_mb * live + self.recompute_peak_bytes()
         if rank == (len(self.stage_layers) - 1) % p.pp:
             acts += mem.head_activation_bytes(self.model, self.shard)
         return acts
+
+    def recompute_peak_bytes(self) -> float:
+        """Full recompute briefly holds one layer's full activations again."""
+        if self.plan.recompute != "full":
+            return 0.0
+        return self.layer_acts("none", self.model.is_moe)
+
+    @cached_property
+    def _peak(self) -> MemoryBreakdown:
+        # In-flight micro-batches never grow with the rank index (GPipe: equal), so among
+        # ranks holding the same layers the first is the most loaded: time only those.
+        firsts: dict[tuple, int] = {}
+        for r in range(self.plan.pp):
+            firsts.setdefault(self.signatures[r], r)
+        return max((self.rank_memory(r) for r in firsts.values()), key=lambda mb: mb.total)
+
+    def peak_memory(self) -> MemoryBreakdown:
+        """The most loaded pipeline rank's memory."""
+        return self._peak
 
     # ---- data parallelism and optimizer -------------------------------------------------
     def dp_exposed_s(self, rank: int, phase_f: float, phase_b: float) -> tuple[float, float]:
@@ -335,9 +437,8 @@ class _Model:
         return memory_time_s(self.cluster.device, local * ADAM_BYTES_PER_PARAM, kernels=4), 0.0
 
 
-def simulate_analytical(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
-                        plan: Plan) -> SimResult:
-    """Predict one training step. Raises SpecError listing every structural violation."""
+def prepare(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,
+             cache: CostCache | None) -> PlanCosts:
     plan = plan.resolve(cluster.n_gpus)
     problems = check_plan(model, cluster, work, plan)
     if problems:
@@ -345,11 +446,22 @@ def simulate_analytical(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkl
         raise SpecError(first.field, "; ".join([first.message, *rest]))
     if plan.schedule == "interleaved" and plan.vpp == 1:
         plan = replace(plan, schedule="1f1b")
-    cm = _Model(model, cluster, work, plan)
-    return _assemble(cm)
+    return PlanCosts(model, cluster, work, plan, cache)
 
 
-def _assemble(cm: _Model) -> SimResult:
+def simulate_analytical(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+                        plan: Plan, cache: CostCache | None = None) -> SimResult:
+    """Predict one training step. Raises SpecError listing every structural violation."""
+    return assemble(prepare(model, cluster, work, plan, cache))
+
+
+def peak_memory(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,
+                cache: CostCache | None = None) -> MemoryBreakdown:
+    """The most loaded pipeline rank's memory, without timing anything (search pruning)."""
+    return prepare(model, cluster, work, plan, cache).peak_memory()
+
+
+def assemble(cm: PlanCosts) -> SimResult:
     plan, work, model, cluster = cm.plan, cm.work, cm.model, cm.cluster
     ranks = [cm.rank_phase(r) for r in range(plan.pp)]
     worst = max(range(plan.pp), key=lambda r: ranks[r].total)
@@ -369,8 +481,7 @@ def _assemble(cm: _Model) -> SimResult:
     time = TimeBreakdown(compute=cm.m * w.compute, recompute=cm.m * w.recompute,
                          exposed_comm=cm.m * w.comm + p2p + dp_exposed, bubble=fill,
                          offload=offload_s, optimizer=opt_s)
-    memories = [cm.rank_memory(r) for r in range(plan.pp)]
-    peak_mem = max(memories, key=lambda mb: mb.total)
+    peak_mem = cm.peak_memory()
     tokens = work.tokens_per_step
     model_flops = model_flops_per_token(model, work.seq_len) * tokens
     hw_flops = model_flops + recompute_flops_per_token(model, work.seq_len,

@@ -1,0 +1,222 @@
+"""Search: enumerate the space, prune by memory, time what fits, rank, refine the best.
+
+Every candidate's peak memory is computed before any timing (`PlanCosts.peak_memory`
+needs no compute model); only plans that fit are timed. The best `refine` plans with a
+pipeline then get an optimised layer split (`planner.split`), are timed again and the
+list is re-ranked. Ranking keys (smaller is better) come from the `Objective`; equal
+scores go to the plan with more memory headroom.
+
+Pure: `progress` is a callback the caller may pass (the CLI drives a progress bar with it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from meshplan.core.cluster import ClusterSpec
+from meshplan.core.errors import SpecError, require
+from meshplan.core.model import ModelSpec
+from meshplan.core.plan import Plan
+from meshplan.core.results import SimResult
+from meshplan.core.workload import TrainWorkload
+from meshplan.simulator.analytical import CostCache, assemble, prepare
+
+from .space import SearchSpace, enumerate_plans
+from .split import optimise_split
+
+GIB = 2**30
+ObjectiveKind = Literal["throughput", "cost", "gpus"]
+
+
+class NoFeasiblePlan(SpecError):
+    """Nothing in the space fits; the message names the tightest plan and its shortfall."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Objective:
+    """What "best" means.
+
+    throughput: most tokens/s. cost: fewest dollars per million tokens at the cluster's
+    `price_per_gpu_hour`. gpus: fewest GPUs whose best plan trains `token_budget` tokens
+    within `target_days` (see `search_fewest_gpus`); among plans on one GPU count it ranks
+    by throughput.
+    """
+
+    kind: ObjectiveKind = "throughput"
+    token_budget: float | None = None
+    target_days: float | None = None
+
+    def __post_init__(self) -> None:
+        require(self.kind in ("throughput", "cost", "gpus"), "objective",
+                f"{self.kind!r} is not one of ['throughput', 'cost', 'gpus']")
+        if self.kind == "gpus":
+            require(bool(self.token_budget and self.token_budget > 0), "objective.token_budget",
+                    f"the gpus objective needs a positive token budget, got {self.token_budget}")
+            require(bool(self.target_days and self.target_days > 0), "objective.target_days",
+                    f"the gpus objective needs a positive target in days, got "
+                    f"{self.target_days}")
+
+    def score(self, r: SimResult, cluster: ClusterSpec) -> float:
+        """Smaller is better."""
+        if self.kind == "cost":
+            return dollars_per_million_tokens(r, cluster)
+        return 1.0 / r.tokens_per_s  # seconds per token
+
+
+def dollars_per_million_tokens(r: SimResult, cluster: ClusterSpec) -> float:
+    price = cluster.device.price_per_gpu_hour
+    require(price is not None, "cluster.device.price_per_gpu_hour",
+            f"the cost objective needs a price per GPU-hour; {cluster.device.name} has none")
+    return price * cluster.n_gpus / 3600 / r.tokens_per_s * 1e6
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchStats:
+    enumerated: int  # structurally valid candidates
+    over_memory: int  # pruned before timing
+    timed: int
+    split_refined: int  # plans whose layer split the optimiser changed
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    ranked: tuple[SimResult, ...]  # best first
+    stats: SearchStats
+    objective: Objective
+
+    @property
+    def best(self) -> SimResult:
+        return self.ranked[0]
+
+
+def _key(objective: Objective, cluster: ClusterSpec, r: SimResult) -> tuple[float, float]:
+    score = float(f"{objective.score(r, cluster):.9g}")  # equal to 9 digits: a tie
+    return score, r.peak_memory_bytes  # ties: more headroom first
+
+
+def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+           space: SearchSpace | None = None, objective: Objective | None = None,
+           top: int = 5, refine: int = 8,
+           progress: Callable[[int], None] | None = None) -> SearchResult:
+    """The `top` best plans of `space` (analytical model), best first.
+
+    Raises NoFeasiblePlan when no candidate fits in memory, naming the tightest one.
+    """
+    require(top >= 1, "top", f"must be >= 1, got {top}")
+    objective = objective or Objective()
+    cache = CostCache()
+    hbm = cluster.device.hbm_bytes
+    keep = max(top, refine)
+    heap: list[tuple[tuple[float, float], int, SimResult]] = []  # max-heap on key via negation
+    enumerated = over = timed = 0
+    tightest: tuple[float, Plan] | None = None
+    for plan in enumerate_plans(model, cluster, work, space):
+        enumerated += 1
+        if progress and enumerated % 256 == 0:
+            progress(256)
+        costs = prepare(model, cluster, work, plan, cache)
+        peak = costs.peak_memory().total
+        if peak > hbm:
+            over += 1
+            if tightest is None or peak < tightest[0]:
+                tightest = (peak, costs.plan)
+            continue
+        r = assemble(costs)
+        timed += 1
+        key = _key(objective, cluster, r)
+        item = ((-key[0], -key[1]), timed, r)
+        if len(heap) < keep:
+            heapq.heappush(heap, item)
+        elif item[0] > heap[0][0]:
+            heapq.heapreplace(heap, item)
+    if progress:
+        progress(enumerated % 256)
+    if not heap:
+        raise _nothing_fits(cluster, enumerated, tightest)
+    results = [r for _, _, r in heap]
+    results, refined = _refine_splits(model, cluster, work, results, refine, objective, cache)
+    results.sort(key=lambda r: _key(objective, cluster, r))
+    stats = SearchStats(enumerated=enumerated, over_memory=over, timed=timed,
+                        split_refined=refined)
+    return SearchResult(ranked=tuple(results[:top]), stats=stats, objective=objective)
+
+
+def _nothing_fits(cluster: ClusterSpec, enumerated: int,
+                  tightest: tuple[float, Plan] | None) -> NoFeasiblePlan:
+    if tightest is None:
+        return NoFeasiblePlan("plan", "no plan of the search space passes the structural "
+                              "rules (degrees, divisibility); widen the space or change the "
+                              "GPU count or global batch")
+    peak, plan = tightest
+    hbm = cluster.device.hbm_bytes
+    return NoFeasiblePlan(
+        "memory", f"none of {enumerated} plans fits in {hbm / GIB:.1f} GiB per "
+        f"{cluster.device.name}; the tightest, {plan.to_text()}, needs {peak / GIB:.1f} GiB "
+        f"and misses by {(peak - hbm) / GIB:.1f} GiB")
+
+
+def _refine_splits(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+                   results: list[SimResult], refine: int, objective: Objective,
+                   cache: CostCache) -> tuple[list[SimResult], int]:
+    """Optimise the layer split of the best `refine` pipelined plans; keep what improves."""
+    results = sorted(results, key=lambda r: _key(objective, cluster, r))
+    changed = 0
+    for i, r in enumerate(results[:refine]):
+        if r.plan.pp == 1:
+            continue
+        split = optimise_split(model, cluster, work, r.plan, cache)
+        if split is None or split == (r.plan.stage_layers or ()):
+            continue
+        better = assemble(prepare(model, cluster, work, replace(r.plan, stage_layers=split),
+                                  cache))
+        if better.fits and _key(objective, cluster, better) < _key(objective, cluster, r):
+            results[i] = better
+            changed += 1
+    return results, changed
+
+
+def gpu_counts(cluster: ClusterSpec) -> list[int]:
+    """GPU counts tried by the fewest-GPUs objective: whole nodes of 2^k or 3·2^k GPUs
+    (and the partial-node powers of two below one node), up to the cluster's size."""
+    g = cluster.node.gpus_per_node
+    counts = {n for n in (2**k for k in range(int(math.log2(g)) + 1)) if n <= g}
+    nodes = 1
+    while nodes * g <= cluster.n_gpus:
+        counts.update({nodes * g} | ({nodes * 3 // 2 * g} if nodes % 2 == 0 else set()))
+        nodes *= 2
+    counts.add(cluster.n_gpus)
+    return sorted(n for n in counts if n <= cluster.n_gpus)
+
+
+def days_to_train(r: SimResult, token_budget: float) -> float:
+    return token_budget / r.tokens_per_s / 86400
+
+
+def search_fewest_gpus(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+                       objective: Objective, space: SearchSpace | None = None, top: int = 5,
+                       progress: Callable[[int], None] | None = None) -> SearchResult:
+    """Fewest GPUs (of `gpu_counts`, at most the cluster's) meeting the time-to-train
+    target; raises with the fastest count's shortfall when even the whole cluster misses."""
+    assert objective.token_budget and objective.target_days
+    last: SearchResult | None = None
+    for n in gpu_counts(cluster):
+        try:
+            found = search(model, cluster.with_gpus(n), work, space, objective, top,
+                           progress=progress)
+        except NoFeasiblePlan:
+            continue
+        last = found
+        if days_to_train(found.best, objective.token_budget) <= objective.target_days:
+            return found
+    if last is None:
+        raise NoFeasiblePlan("cluster.gpus", f"no GPU count up to {cluster.n_gpus} has a plan "
+                             "that fits in memory")
+    days = days_to_train(last.best, objective.token_budget)
+    raise NoFeasiblePlan("objective.target_days", f"even {last.best.plan.world_size} GPUs need "
+                         f"{days:.1f} days for {objective.token_budget:.3g} tokens, "
+                         f"{days - objective.target_days:.1f} days over the "
+                         f"{objective.target_days:g}-day target")

@@ -152,6 +152,8 @@ def _hf_moe(cfg: dict[str, Any], n_experts: int, ffn: int) -> dict[str, Any]:
 def cluster_from_dict(data: dict[str, Any], name: str = "") -> ClusterSpec:
     data = dict(data)
     where = f"cluster {name or data.get('name', '')}"
+    if isinstance(data.get("device"), dict) and "gemm_tile" in data["device"]:
+        data["device"] = dict(data["device"], gemm_tile=tuple(data["device"]["gemm_tile"]))
     for key, cls in (("device", DeviceSpec), ("node", NodeSpec), ("network", NetworkSpec)):
         require(key in data, where, f"missing table [{key}]")
         data[key] = _build(cls, data[key], f"{where}.{key}")

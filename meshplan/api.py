@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.results import SimResult
 from meshplan.core.workload import TrainWorkload
+from meshplan.planner.search import Objective, SearchResult, search_fewest_gpus
+from meshplan.planner.search import search as _search
+from meshplan.planner.space import SearchSpace
+from meshplan.planner.whatif import WhatIfRow
+from meshplan.planner.whatif import whatif as _whatif
 from meshplan.simulator.analytical import simulate_analytical
 
 ENGINES = ("analytical",)
@@ -25,3 +32,38 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: 
     if engine not in ENGINES:
         raise SpecError("engine", f"{engine!r} is not available yet; engines: {list(ENGINES)}")
     return simulate_analytical(model, cluster, work, plan)
+
+
+def _objective(objective: str | Objective, token_budget: float | None,
+               target_days: float | None) -> Objective:
+    if isinstance(objective, Objective):
+        return objective
+    return Objective(kind=objective, token_budget=token_budget,  # type: ignore[arg-type]
+                     target_days=target_days)
+
+
+def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, top: int = 5,
+           objective: str | Objective = "throughput", space: SearchSpace | None = None,
+           token_budget: float | None = None, target_days: float | None = None,
+           progress: Callable[[int], None] | None = None) -> SearchResult:
+    """The `top` best plans, best first (`.ranked`, `.best`, `.stats`).
+
+    objective: "throughput" (tokens/s), "cost" ($ per million tokens; needs the device's
+    price_per_gpu_hour) or "gpus" (fewest GPUs that train `token_budget` tokens within
+    `target_days`). Raises NoFeasiblePlan (a SpecError) naming the tightest plan when
+    nothing fits.
+    """
+    obj = _objective(objective, token_budget, target_days)
+    if obj.kind == "gpus":
+        return search_fewest_gpus(model, cluster, work, obj, space, top, progress)
+    return _search(model, cluster, work, space, obj, top, progress=progress)
+
+
+def whatif(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+           vary: dict[str, list[str]], objective: str | Objective = "throughput",
+           space: SearchSpace | None = None, token_budget: float | None = None,
+           target_days: float | None = None) -> list[WhatIfRow]:
+    """Re-search for every combination of knob values, e.g. {"gpus": ["1024", "2048"],
+    "cluster.node.nic_bw_bytes_per_s": ["x1", "x2"]}."""
+    return _whatif(model, cluster, work, vary, space,
+                   _objective(objective, token_budget, target_days))

@@ -1,20 +1,57 @@
-"""`meshplan` command line. Bad input prints one line naming the field and exits 2."""
+"""`meshplan` command line. Bad input prints one line naming the field and exits 2; a plan
+or search with nothing that fits in memory exits 3."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 
-from meshplan.api import ENGINES, simulate
-from meshplan.core.errors import SpecError
-from meshplan.core.plan import Plan
+from meshplan.api import ENGINES, search, simulate, whatif
+from meshplan.core.errors import SpecError, require
+from meshplan.core.plan import Plan, _parse_value
+from meshplan.core.planfile import PlanFile
 from meshplan.core.workload import TrainWorkload
-from meshplan.loaders import cluster_names, load_cluster, load_model, model_names
-from meshplan.report import cluster_table, model_table, sim_table
+from meshplan.loaders import (
+    cluster_names,
+    load_cluster,
+    load_model,
+    load_plan_file,
+    model_names,
+    save_plan_file,
+)
+from meshplan.planner.explain import explain
+from meshplan.planner.export import TARGETS, export
+from meshplan.planner.search import NoFeasiblePlan
+from meshplan.planner.space import SearchSpace
+from meshplan.report import cluster_table, model_table, search_table, sim_table, whatif_table
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
+
+
+def _inputs(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="catalog name, config.json or TOML")
+    p.add_argument("--cluster", required=required, help="catalog name or cluster TOML")
+    p.add_argument("--gpus", type=int, required=required)
+    p.add_argument("--seq-len", type=int, required=required)
+    p.add_argument("--global-batch", type=int, required=required)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8", "fp32"])
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--price-per-gpu-hour", type=float, help="overrides the cluster's price")
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    _inputs(p)
+    p.add_argument("--objective", default="throughput", choices=["throughput", "cost", "gpus"])
+    p.add_argument("--token-budget", type=float, help="tokens to train (objective gpus)")
+    p.add_argument("--target-days", type=float, help="time-to-train target (objective gpus)")
+    p.add_argument("--space", default="", help='options per key, e.g. "tp=4|8,zero=1|3"')
+    p.add_argument("--base", default="", help='fixed plan fields, e.g. "attn=unfused,'
+                   'kernels=eager" (the software stack the search does not choose)')
+    p.add_argument("--tp-across-nodes", action="store_true")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,25 +61,56 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("clusters", help="list catalog clusters").add_argument("--json",
                                                                          action="store_true")
     sim = sub.add_parser("simulate", help="predict one plan")
-    sim.add_argument("--model", required=True, help="catalog name, config.json or TOML")
-    sim.add_argument("--cluster", required=True, help="catalog name or cluster TOML")
-    sim.add_argument("--gpus", type=int, required=True)
-    sim.add_argument("--seq-len", type=int, required=True)
-    sim.add_argument("--global-batch", type=int, required=True)
-    sim.add_argument("--plan", required=True, help='e.g. "tp=8,pp=2,mbs=1,recompute=selective"')
-    sim.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8", "fp32"])
-    sim.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    _inputs(sim, required=False)
+    sim.add_argument("--plan", help='e.g. "tp=8,pp=2,mbs=1,recompute=selective"')
+    sim.add_argument("--plan-file", help="a plan file from search --out (needs nothing else)")
     sim.add_argument("--engine", default="analytical", choices=list(ENGINES))
     sim.add_argument("--json", action="store_true", help="print one JSON object")
+    se = sub.add_parser("search", help="find the best plans")
+    _search_args(se)
+    se.add_argument("--top", type=int, default=5)
+    se.add_argument("--out", help="write the best plan as a plan file")
+    se.add_argument("--json", action="store_true")
+    wi = sub.add_parser("whatif", help="sweep knobs and search again")
+    _search_args(wi)
+    wi.add_argument("--vary", action="append", required=True,
+                    help="knob=v1,v2 (gpus, seq_len, global_batch, dtype, model.*, cluster.*, "
+                    "workload.*; xK scales), repeatable")
+    wi.add_argument("--plot", default="whatif.png", help="bar chart path ('' for none)")
+    wi.add_argument("--json", action="store_true")
+    ex = sub.add_parser("export", help="write a plan file as another engine's config")
+    ex.add_argument("plan_file")
+    ex.add_argument("--to", required=True, choices=list(TARGETS))
+    ex.add_argument("--out", help="file to write (default: stdout)")
     return ap
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> tuple:
+    for name in ("model", "cluster", "gpus", "seq_len", "global_batch"):
+        require(getattr(args, name) is not None, name.replace("_", "-"),
+                "is required unless --plan-file is given")
     model = load_model(args.model)
     cluster = load_cluster(args.cluster, args.gpus)
+    if args.price_per_gpu_hour is not None:
+        require(args.price_per_gpu_hour > 0, "price-per-gpu-hour",
+                f"must be positive, got {args.price_per_gpu_hour}")
+        cluster = dataclasses.replace(cluster, device=dataclasses.replace(
+            cluster.device, price_per_gpu_hour=args.price_per_gpu_hour))
     work = TrainWorkload(seq_len=args.seq_len, global_batch=args.global_batch,
                          dtype=args.dtype, optimizer=args.optimizer)
-    result = simulate(model, cluster, work, Plan.parse(args.plan), engine=args.engine)
+    return model, cluster, work
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    if args.plan_file:
+        require(not args.plan, "plan", "give --plan or --plan-file, not both")
+        pf = load_plan_file(args.plan_file)
+        model, cluster, work, plan = pf.model, pf.cluster, pf.work, pf.plan
+    else:
+        require(bool(args.plan), "plan", "give --plan or --plan-file")
+        model, cluster, work = _load(args)
+        plan = Plan.parse(args.plan)
+    result = simulate(model, cluster, work, plan, engine=args.engine)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -50,6 +118,102 @@ def _simulate(args: argparse.Namespace) -> int:
     if not result.fits:
         print(f"meshplan: error: {'; '.join(result.violations)}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
+    return 0
+
+
+_SPACE_INT = ("tp", "pp", "cp", "ep", "etp", "vpp", "mbs", "zero")
+
+
+def parse_space(text: str, base: str, tp_across_nodes: bool) -> SearchSpace:
+    """ "tp=4|8,recompute=none|full" -> SearchSpace(tp=(4, 8), recompute=("none", "full"))."""
+    fields: dict[str, object] = {"tp_across_nodes": tp_across_nodes}
+    allowed = set(_SPACE_INT) | {"schedule", "recompute", "sp", "offload"}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        require("=" in item, "space", f"item {item!r} is not key=v1|v2")
+        key, values = (s.strip() for s in item.split("=", 1))
+        require(key in allowed, "space", f"unknown key {key!r}; keys: {sorted(allowed)}")
+        parsed = tuple(_parse_value(key, v) for v in values.split("|"))
+        fields[key] = parsed
+    if base:
+        fields["base"] = Plan.parse(base)
+    return SearchSpace(**fields)  # type: ignore[arg-type]
+
+
+def _progress():
+    from tqdm import tqdm
+
+    bar = tqdm(desc="plans", unit=" plans", file=sys.stderr, disable=None, leave=False)
+    return bar, bar.update
+
+
+def _search(args: argparse.Namespace) -> int:
+    require(args.top >= 1, "top", f"must be >= 1, got {args.top}")
+    model, cluster, work = _load(args)
+    space = parse_space(args.space, args.base, args.tp_across_nodes)
+    bar, update = _progress()
+    start = time.perf_counter()
+    try:
+        found = search(model, cluster, work, top=args.top, objective=args.objective,
+                       space=space, token_budget=args.token_budget,
+                       target_days=args.target_days, progress=update)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    best = found.best
+    if args.out:
+        used = cluster.with_gpus(best.plan.world_size)
+        save_plan_file(args.out, PlanFile(model=model, cluster=used, work=work, plan=best.plan,
+                                          predicted=best.to_dict()))
+    if args.json:
+        print(json.dumps({"plans": [{"plan": r.plan.to_dict(), "predicted": r.to_dict()}
+                                    for r in found.ranked],
+                          "stats": dataclasses.asdict(found.stats), "wall_s": wall},
+                         indent=1))
+        return 0
+    print(f"{model.name} on {best.plan.world_size}x {cluster.device.name}, seq {work.seq_len}, "
+          f"batch {work.global_batch}, {work.dtype}; objective {args.objective}; "
+          f"{wall:.1f} s ({found.stats.enumerated / wall:,.0f} plans/s)")
+    print(search_table(found, cluster))
+    if len(found.ranked) > 1:
+        print("\n" + explain(best, found.ranked[1]))
+    if args.out:
+        print(f"\nbest plan written to {args.out}")
+    return 0
+
+
+def _whatif(args: argparse.Namespace) -> int:
+    model, cluster, work = _load(args)
+    space = parse_space(args.space, args.base, args.tp_across_nodes)
+    vary: dict[str, list[str]] = {}
+    for item in args.vary:
+        require("=" in item, "vary", f"{item!r} is not knob=v1,v2")
+        key, values = item.split("=", 1)
+        vary[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    rows = whatif(model, cluster, work, vary, objective=args.objective, space=space,
+                  token_budget=args.token_budget, target_days=args.target_days)
+    if args.plot:
+        from meshplan.plots import whatif_plot
+
+        whatif_plot(rows, args.plot)
+    if args.json:
+        print(json.dumps([{"knobs": r.knobs, "error": r.error,
+                           "best": r.result.best.to_dict() if r.result else None}
+                          for r in rows], indent=1))
+    else:
+        print(whatif_table(rows))
+        if args.plot:
+            print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    pf = load_plan_file(args.plan_file)
+    text = export(pf.model, pf.work, pf.plan.resolve(pf.cluster.n_gpus), args.to)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
     return 0
 
 
@@ -65,10 +229,15 @@ def _list(kind: str, as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"simulate": _simulate, "search": _search, "whatif": _whatif,
+                "export": _export}
     try:
         if args.command in ("models", "clusters"):
             return _list(args.command, args.json)
-        return _simulate(args)
+        return commands[args.command](args)
+    except NoFeasiblePlan as err:
+        print(f"meshplan: error: {err}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
     except SpecError as err:
         print(f"meshplan: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -6,10 +6,12 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from meshplan.core import planfile
 from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError
 from meshplan.core.loaders import cluster_from_toml, model_from_hf_config, model_from_toml
 from meshplan.core.model import ModelSpec
+from meshplan.core.planfile import PlanFile
 
 _CATALOG = resources.files("meshplan.core") / "catalog"
 
@@ -55,3 +57,18 @@ def load_cluster(ref: str, gpus: int | None = None) -> ClusterSpec:
                             f"({', '.join(cluster_names())}) nor a file")
         cluster = cluster_from_toml(path.read_text(), path.stem)
     return cluster.with_gpus(gpus) if gpus else cluster
+
+
+def load_plan_file(path: str) -> PlanFile:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError("plan_file", f"{path!r} is not a file")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise SpecError("plan_file", f"{path} is not valid JSON: {err}") from None
+    return planfile.from_dict(data)
+
+
+def save_plan_file(path: str, pf: PlanFile) -> None:
+    Path(path).write_text(json.dumps(planfile.to_dict(pf), indent=1) + "\n")

@@ -6,6 +6,8 @@ from meshplan.core.cluster import ClusterSpec
 from meshplan.core.model import ModelSpec
 from meshplan.core.results import SimResult
 from meshplan.core.workload import TrainWorkload
+from meshplan.planner.search import SearchResult, dollars_per_million_tokens
+from meshplan.planner.whatif import WhatIfRow
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -64,3 +66,32 @@ def sim_table(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, r: Si
         ("activations", m.activations), ("kv cache", m.kv_cache), ("buffers", m.buffers))]
     return "\n\n".join([head + summary, _table(["time", "seconds", "share"], times),
                         _table(["memory", "bytes"], mems)])
+
+
+def search_table(found: SearchResult, cluster: ClusterSpec) -> str:
+    rows = []
+    for i, r in enumerate(found.ranked, 1):
+        price = cluster.device.price_per_gpu_hour
+        cost = f"{dollars_per_million_tokens(r, cluster):.2f}" if price is not None else "-"
+        rows.append([str(i), r.plan.to_text(), f"{r.tokens_per_s:,.0f}",
+                     f"{r.tflops_per_gpu:.0f}", f"{r.mfu * 100:.1f}%", f"{r.step_time_s:.3f}",
+                     f"{r.peak_memory_bytes / 2**30:.1f}", cost])
+    s = found.stats
+    head = (f"{s.enumerated:,} plans enumerated, {s.over_memory:,} pruned by memory, "
+            f"{s.timed:,} timed, {s.split_refined} layer splits improved by the ILP\n")
+    return head + _table(["#", "plan", "tokens/s", "TFLOP/s/GPU", "MFU", "step s", "GiB",
+                          "$/Mtok"], rows)
+
+
+def whatif_table(rows: list[WhatIfRow]) -> str:
+    out = []
+    for row in rows:
+        knobs = ", ".join(f"{k}={v}" for k, v in row.knobs.items())
+        if row.result is None:
+            out.append([knobs, "-", "-", "-", "-", row.error])
+            continue
+        best = row.result.best
+        out.append([knobs, str(best.plan.world_size), f"{best.tokens_per_s:,.0f}",
+                    f"{best.mfu * 100:.1f}%", f"{best.peak_memory_bytes / 2**30:.1f}",
+                    best.plan.to_text()])
+    return _table(["knobs", "GPUs", "tokens/s", "MFU", "GiB", "best plan"], out)

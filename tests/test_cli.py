@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+import meshplan as mp
 from meshplan.cli import main
 
 BASE = ["simulate", "--model", "llama3-70b", "--cluster", "h100-sxm", "--gpus", "64",
@@ -94,3 +95,68 @@ def test_bad_cluster_file_names_the_key(tmp_path, capsys):
     rc = main(BASE[:3] + ["--cluster", str(tmp_path / "bad.toml")] + BASE[5:] + ["--plan", "tp=8"])
     err = capsys.readouterr().err
     assert rc == 2 and "bogus" in err and err.count("\n") == 1
+
+
+SEARCH = ["search", "--model", "llama3-8b", "--cluster", "h100-sxm", "--gpus", "16",
+          "--seq-len", "4096", "--global-batch", "32", "--space", "cp=1,vpp=1,mbs=1|2"]
+
+
+def test_search_json_and_plan_file_round_trip(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(SEARCH + ["--top", "3", "--json", "--out", str(out)]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert len(plans) == 3
+    speeds = [p["predicted"]["tokens_per_s"] for p in plans]
+    assert speeds == sorted(speeds, reverse=True)
+    assert main(["simulate", "--plan-file", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["tokens_per_s"] == pytest.approx(speeds[0])
+    pf = mp.load_plan_file(str(out))
+    for target in ("torchtitan", "megatron", "deepspeed"):  # the CLI says what the API says
+        rc = main(["export", str(out), "--to", target])
+        captured = capsys.readouterr()
+        try:
+            expected = mp.export(pf.model, pf.work, pf.plan, target)
+        except mp.SpecError as err:
+            assert rc == 2 and str(err) in captured.err
+        else:
+            assert rc == 0 and captured.out == expected
+
+
+def test_search_table_explains_the_winner(capsys):
+    assert main(SEARCH + ["--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "plans enumerated" in out and "beats the runner-up" in out
+
+
+def test_search_nothing_fits_exits_3(capsys):
+    rc = main(["search", "--model", "llama3-405b", "--cluster", "h100-sxm", "--gpus", "8",
+               "--seq-len", "8192", "--global-batch", "16"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "misses by" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra,field", [
+    (["--space", "tp=3|x"], "plan.tp"),
+    (["--space", "bogus=1"], "space"),
+    (["--objective", "cost"], "price_per_gpu_hour"),
+    (["--objective", "gpus"], "objective.token_budget"),
+])
+def test_search_bad_input(capsys, extra, field):
+    assert main(SEARCH + extra) == 2
+    err = capsys.readouterr().err
+    assert field in err and err.count("\n") == 1
+
+
+def test_whatif_table_and_plot(capsys, tmp_path):
+    plot = tmp_path / "w.png"
+    rc = main(["whatif", "--model", "llama3-8b", "--cluster", "h100-sxm", "--gpus", "16",
+               "--seq-len", "4096", "--global-batch", "32", "--space", "cp=1,vpp=1,mbs=1",
+               "--vary", "gpus=8,16", "--vary", "cluster.node.nic_bw_bytes_per_s=x1,x4",
+               "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("gpus=") == 4 and plot.stat().st_size > 1000
+    assert main(["whatif", "--model", "llama3-8b", "--cluster", "h100-sxm", "--gpus", "16",
+                 "--seq-len", "4096", "--global-batch", "32", "--vary", "cluster.nope=1",
+                 "--plot", ""]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -30,6 +30,8 @@ class SearchSpace:
 
     `base` carries the fields a search does not choose (they describe the software stack:
     attention kernel, fused or eager kernels, TP/DP overlap) into every candidate.
+    `vpp=None` tries 2 and 4 chunks per rank and every chunk count that splits the
+    layers evenly (Megatron's interleaving wants that; down to one layer per chunk).
     `sp=(True,)` by default: with tp > 1, sequence parallelism moves the same bytes as the
     all-reduce it replaces (Korthikanti §4.2.2) and holds less, so it is never worse here.
     GPipe is left out by default for the same reason against 1F1B (same time, m in-flight
@@ -41,7 +43,7 @@ class SearchSpace:
     cp: tuple[int, ...] | None = (1, 2, 4, 8)
     ep: tuple[int, ...] | None = None
     etp: tuple[int, ...] = (0, 1)  # expert TP degree; 0: equal to tp
-    vpp: tuple[int, ...] = (1, 2, 4)
+    vpp: tuple[int, ...] | None = None
     mbs: tuple[int, ...] = (1, 2, 4, 8)
     schedule: tuple[str, ...] = ("1f1b", "interleaved")
     recompute: tuple[str, ...] = ("none", "selective", "op", "full")
@@ -111,6 +113,14 @@ def expert_options(model: ModelSpec, space: SearchSpace, tp: int, cp: int,
                 yield ep, etp
 
 
+def vpp_options(n_layers: int, pp: int, space: SearchSpace) -> list[int]:
+    """Chunks per pipeline rank (> 1) for the interleaved schedule."""
+    if space.vpp is not None:
+        return [v for v in space.vpp if v > 1 and pp * v <= n_layers]
+    even = [v for v in range(2, n_layers // pp + 1) if n_layers % (pp * v) == 0]
+    return sorted({v for v in (2, 4) if pp * v <= n_layers} | set(even))
+
+
 def pipeline_options(model: ModelSpec, space: SearchSpace, pp: int,
                      m_per_mbs: int) -> Iterator[tuple[int, str]]:
     """(vpp, schedule) pairs for pp pipeline ranks; `m_per_mbs` is global batch / dp."""
@@ -118,9 +128,8 @@ def pipeline_options(model: ModelSpec, space: SearchSpace, pp: int,
         if schedule == "interleaved":
             if pp == 1:
                 continue
-            for v in space.vpp:
-                if v > 1 and pp * v <= model.n_layers:
-                    yield v, schedule
+            for v in vpp_options(model.n_layers, pp, space):
+                yield v, schedule
         else:
             yield 1, schedule
 

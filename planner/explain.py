@@ -29,8 +29,12 @@ def explain(best: SimResult, runner_up: SimResult) -> str:
                                                                        runner_up.plan))
     memory = (f"peak memory {best.peak_memory_bytes / 2**30:.1f} GiB vs "
               f"{runner_up.peak_memory_bytes / 2**30:.1f} GiB")
-    head = (f"{best.plan.to_text()} beats the runner-up {runner_up.plan.to_text()} by "
-            f"{gap * 100:.2f}% in step time ({best.step_time_s:.3f} s vs "
-            f"{runner_up.step_time_s:.3f} s)")
+    if gap < 1e-6:
+        head = (f"{best.plan.to_text()} ties with the runner-up {runner_up.plan.to_text()} "
+                f"at {best.step_time_s:.3f} s per step (ties go to more memory headroom)")
+    else:
+        head = (f"{best.plan.to_text()} beats the runner-up {runner_up.plan.to_text()} by "
+                f"{gap * 100:.2f}% in step time ({best.step_time_s:.3f} s vs "
+                f"{runner_up.step_time_s:.3f} s)")
     body = "; ".join(terms[:3]) or "no breakdown term differs"
     return f"{head}: {body}; {memory}. Plans differ in: {keys or 'nothing'}."

@@ -121,9 +121,9 @@ def vpp_options(n_layers: int, pp: int, space: SearchSpace) -> list[int]:
     return sorted({v for v in (2, 4) if pp * v <= n_layers} | set(even))
 
 
-def pipeline_options(model: ModelSpec, space: SearchSpace, pp: int,
-                     m_per_mbs: int) -> Iterator[tuple[int, str]]:
-    """(vpp, schedule) pairs for pp pipeline ranks; `m_per_mbs` is global batch / dp."""
+def pipeline_options(model: ModelSpec, space: SearchSpace,
+                     pp: int) -> Iterator[tuple[int, str]]:
+    """(vpp, schedule) pairs for pp pipeline ranks."""
     for schedule in space.schedule:
         if schedule == "interleaved":
             if pp == 1:
@@ -139,11 +139,10 @@ def enumerate_plans(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
     """Every valid plan of the space, lazily, model-state choices outermost."""
     space = space or SearchSpace()
     for tp, cp, pp, dp in degree_triples(model, cluster, work, space):
-        per_dp = work.global_batch // dp
         for ep, etp in expert_options(model, space, tp, cp, dp):
             for zero in space.zero:
                 for offload in space.offload:
-                    for vpp, schedule in pipeline_options(model, space, pp, per_dp):
+                    for vpp, schedule in pipeline_options(model, space, pp):
                         for sp in dict.fromkeys(s and tp > 1 for s in space.sp):
                             yield from _activation_choices(
                                 model, cluster, work, space,

@@ -132,37 +132,15 @@ def megatron_args(model: ModelSpec, work: TrainWorkload, plan: Plan) -> str:
             "Megatron-LM has DDP (zero=0), the distributed optimizer (zero=1) and FSDP "
             f"(zero=3), not ZeRO-{plan.zero}")
     require(model.mla is None, "model.mla", "MLA export to Megatron is not written yet")
-    a: list[str] = [
-        "--num-layers", str(model.n_layers), "--hidden-size", str(model.hidden_size),
-        "--num-attention-heads", str(model.n_heads), "--ffn-hidden-size",
-        str(model.ffn_hidden_size), "--seq-length", str(work.seq_len),
-        "--max-position-embeddings", str(max(work.seq_len, model.max_position)),
+    a = _megatron_model_args(model, work) + [
         "--tensor-model-parallel-size", str(plan.tp),
         "--pipeline-model-parallel-size", str(plan.pp),
         "--context-parallel-size", str(plan.cp),
         "--micro-batch-size", str(plan.mbs), "--global-batch-size", str(work.global_batch),
     ]
-    if model.n_kv_heads != model.n_heads:
-        a += ["--group-query-attention", "--num-query-groups", str(model.n_kv_heads)]
-    if model.mlp == "swiglu":
-        a.append("--swiglu")
-    if model.norm == "rmsnorm":
-        a += ["--normalization", "RMSNorm"]
-    if model.position == "rope":
-        a += ["--position-embedding-type", "rope"]
-    if not model.tied_embeddings:
-        a.append("--untie-embeddings-and-output-weights")
     if model.moe:
-        moe = model.moe
-        freq = f"([0]*{moe.first_k_dense}+[1]*{model.n_layers - moe.first_k_dense})"
-        a += ["--num-experts", str(moe.n_experts), "--moe-router-topk", str(moe.top_k),
-              "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
-              "--moe-layer-freq", freq,
-              "--expert-model-parallel-size", str(plan.ep),
+        a += ["--expert-model-parallel-size", str(plan.ep),
               "--expert-tensor-parallel-size", str(plan.etp or plan.tp)]
-        if moe.n_shared_experts:
-            a += ["--moe-shared-expert-intermediate-size",
-                  str(moe.n_shared_experts * moe.shared_ffn)]
     a += _megatron_split(model, plan)
     if plan.sp and plan.tp > 1:
         a.append("--sequence-parallel")
@@ -190,6 +168,33 @@ def megatron_args(model: ModelSpec, work: TrainWorkload, plan: Plan) -> str:
     if work.dtype == "fp8":
         a += ["--fp8-format", "hybrid"]
     return " \\\n  ".join(_pairs(a)) + "\n"
+
+
+def _megatron_model_args(model: ModelSpec, work: TrainWorkload) -> list[str]:
+    a = ["--num-layers", str(model.n_layers), "--hidden-size", str(model.hidden_size),
+         "--num-attention-heads", str(model.n_heads), "--ffn-hidden-size",
+         str(model.ffn_hidden_size), "--seq-length", str(work.seq_len),
+         "--max-position-embeddings", str(max(work.seq_len, model.max_position))]
+    if model.n_kv_heads != model.n_heads:
+        a += ["--group-query-attention", "--num-query-groups", str(model.n_kv_heads)]
+    if model.mlp == "swiglu":
+        a.append("--swiglu")
+    if model.norm == "rmsnorm":
+        a += ["--normalization", "RMSNorm"]
+    if model.position == "rope":
+        a += ["--position-embedding-type", "rope"]
+    if not model.tied_embeddings:
+        a.append("--untie-embeddings-and-output-weights")
+    if model.moe:
+        moe = model.moe
+        freq = f"([0]*{moe.first_k_dense}+[1]*{model.n_layers - moe.first_k_dense})"
+        a += ["--num-experts", str(moe.n_experts), "--moe-router-topk", str(moe.top_k),
+              "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
+              "--moe-layer-freq", freq]
+        if moe.n_shared_experts:
+            a += ["--moe-shared-expert-intermediate-size",
+                  str(moe.n_shared_experts * moe.shared_ffn)]
+    return a
 
 
 def _pairs(args: list[str]) -> list[str]:

@@ -169,6 +169,22 @@ def segments(pr: SplitProblem) -> list[tuple[int, int]]:
     return out
 
 
+def _contiguity(prob: pulp.LpProblem, z: dict, segs: list[tuple[int, int]], S: int) -> None:
+    """z grows with the stage, ends with every layer placed, and takes segment g+1 only
+    once segment g is complete (the binary f[s,g])."""
+    G = len(segs)
+    for s in range(S):
+        for g in range(G):
+            if s + 1 < S:
+                prob += z[s, g] <= z[s + 1, g], f"nested_{s}_{g}"
+            if g + 1 < G:
+                full = prob.add_variable(f"f_{s}_{g}", cat="Binary")
+                prob += z[s, g] >= segs[g][1] * full, f"full_{s}_{g}"
+                prob += z[s, g + 1] <= segs[g + 1][1] * full, f"contiguous_{s}_{g}"
+    for g in range(G):
+        prob += z[S - 1, g] == segs[g][1], f"all_layers_placed_{g}"
+
+
 def build(pr: SplitProblem, elastic: bool = False) -> _Ilp:
     """The split ILP; with `elastic`, memory rows get a shared overflow to minimise.
 
@@ -194,17 +210,9 @@ def build(pr: SplitProblem, elastic: bool = False) -> _Ilp:
     def n(s: int, g: int):
         return z[s, g] - (z[s - 1, g] if s else 0)
 
+    _contiguity(prob, z, segs, S)
     for s in range(S):
-        for g in range(G):
-            if s + 1 < S:
-                prob += z[s, g] <= z[s + 1, g], f"nested_{s}_{g}"
-            if g + 1 < G:
-                full = prob.add_variable(f"f_{s}_{g}", cat="Binary")
-                prob += z[s, g] >= segs[g][1] * full, f"full_{s}_{g}"
-                prob += z[s, g + 1] <= segs[g + 1][1] * full, f"contiguous_{s}_{g}"
         prob += pulp.lpSum(n(s, g) for g in range(G)) >= pr.min_layers, f"min_layers_{s}"
-    for g in range(G):
-        prob += z[S - 1, g] == segs[g][1], f"all_layers_placed_{g}"
     for k in kinds:
         prob += pulp.lpSum(a[r, k] for r in range(P)) <= pr.devices[k].ranks, \
             f"ranks_of_{pr.devices[k].name}"

@@ -62,7 +62,7 @@ class Plan:
         for item in filter(None, (s.strip() for s in text.split(","))):
             require("=" in item, "plan", f"item {item!r} is not key=value")
             key, value = (s.strip() for s in item.split("=", 1))
-            fields[key] = _parse_value(key, value)
+            fields[key] = parse_value(key, value)
         if fields.get("vpp", 1) > 1 and "schedule" not in fields:
             fields["schedule"] = "interleaved"
         return cls(**fields)
@@ -101,7 +101,7 @@ class Plan:
             data["stage_layers"] = tuple(int(x) for x in data["stage_layers"])
         for key in _INT_KEYS:
             if key in data:
-                data[key] = _parse_value(key, str(data[key]))
+                data[key] = parse_value(key, str(data[key]))
         return cls(**data)
 
     @classmethod
@@ -133,7 +133,7 @@ class Plan:
         return global_batch // (self.dp * self.mbs)
 
 
-def _parse_value(key: str, value: str) -> Any:
+def parse_value(key: str, value: str) -> Any:
     if key in _INT_KEYS:
         try:
             n = int(value)

@@ -11,7 +11,7 @@ import time
 
 from meshplan.api import ENGINES, search, simulate, whatif
 from meshplan.core.errors import SpecError, require
-from meshplan.core.plan import Plan, _parse_value
+from meshplan.core.plan import Plan, parse_value
 from meshplan.core.planfile import PlanFile
 from meshplan.core.workload import TrainWorkload
 from meshplan.loaders import (
@@ -132,7 +132,7 @@ def parse_space(text: str, base: str, tp_across_nodes: bool) -> SearchSpace:
         require("=" in item, "space", f"item {item!r} is not key=v1|v2")
         key, values = (s.strip() for s in item.split("=", 1))
         require(key in allowed, "space", f"unknown key {key!r}; keys: {sorted(allowed)}")
-        parsed = tuple(_parse_value(key, v) for v in values.split("|"))
+        parsed = tuple(parse_value(key, v) for v in values.split("|"))
         fields[key] = parsed
     if base:
         fields["base"] = Plan.parse(base)

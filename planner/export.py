@@ -13,7 +13,7 @@ from meshplan.core.errors import SpecError, require
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.workload import TrainWorkload
-from meshplan.simulator.analytical import default_stage_layers
+from meshplan.simulator.analytical import layer_split
 
 TARGETS = ("torchtitan", "megatron", "deepspeed")
 
@@ -25,10 +25,6 @@ def export(model: ModelSpec, work: TrainWorkload, plan: Plan, target: str) -> st
             "deepspeed": deepspeed_json}[target](model, work, plan)
 
 
-def stage_layers(model: ModelSpec, plan: Plan) -> tuple[int, ...]:
-    return plan.stage_layers or default_stage_layers(model.n_layers, plan.n_stages)
-
-
 # ---- torchtitan ------------------------------------------------------------------------
 
 _TT_PRECISION = {"bf16": "bfloat16", "fp8": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -38,7 +34,7 @@ _TT_SCHEDULE = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1
 def torchtitan_fqns(model: ModelSpec, plan: Plan) -> list[list[str]]:
     """Module names per model part (virtual stage), torchtitan's Llama naming."""
     parts, start = [], 0
-    counts = stage_layers(model, plan)
+    counts = layer_split(model, plan)
     for s, n in enumerate(counts):
         names = ["tok_embeddings"] if s == 0 else []
         names += [f"layers.{i}" for i in range(start, start + n)]
@@ -108,7 +104,7 @@ def torchtitan_toml(model: ModelSpec, work: TrainWorkload, plan: Plan) -> str:
 # ---- Megatron-LM -----------------------------------------------------------------------
 
 def _megatron_split(model: ModelSpec, plan: Plan) -> list[str]:
-    counts = stage_layers(model, plan)
+    counts = layer_split(model, plan)
     if plan.stage_layers is None or len(set(counts)) == 1:
         if plan.vpp > 1:
             require(model.n_layers % plan.n_stages == 0, "plan.vpp",

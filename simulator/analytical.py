@@ -88,6 +88,11 @@ def default_stage_layers(n_layers: int, n_stages: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
+def layer_split(model: ModelSpec, plan: Plan) -> tuple[int, ...]:
+    """Transformer layers per virtual stage: the plan's own split, else the default."""
+    return plan.stage_layers or default_stage_layers(model.n_layers, plan.n_stages)
+
+
 @dataclass(kw_only=True)
 class CostCache:
     """Per-layer costs shared by every plan of one (model, cluster, workload).
@@ -115,8 +120,7 @@ class PlanCosts:
                            ep=plan.ep, etp=plan.etp, attn=plan.attn,
                            act_bytes=work.activation_bytes)
         self.m = plan.micro_batches(work.global_batch)
-        self.stage_layers = plan.stage_layers or default_stage_layers(model.n_layers,
-                                                                       plan.n_stages)
+        self.stage_layers = layer_split(model, plan)
         gpn = cluster.node.gpus_per_node
         self.tp_group = coll.group_of(cluster, plan.tp, 1)
         self.cp_group = coll.group_of(cluster, plan.cp, plan.tp)
@@ -279,9 +283,6 @@ class PlanCosts:
                 seen[sig] = total
             out.append(seen[sig])
         return out
-
-    def rank_phase(self, rank: int) -> Phase:
-        return self.rank_phases[rank]
 
     def p2p_s(self) -> float:
         """One pipeline send; steady-state sends hide behind compute, fill/drain's do not."""
@@ -455,15 +456,9 @@ def simulate_analytical(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkl
     return assemble(prepare(model, cluster, work, plan, cache))
 
 
-def peak_memory(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,
-                cache: CostCache | None = None) -> MemoryBreakdown:
-    """The most loaded pipeline rank's memory, without timing anything (search pruning)."""
-    return prepare(model, cluster, work, plan, cache).peak_memory()
-
-
 def assemble(cm: PlanCosts) -> SimResult:
     plan, work, model, cluster = cm.plan, cm.work, cm.model, cm.cluster
-    ranks = [cm.rank_phase(r) for r in range(plan.pp)]
+    ranks = cm.rank_phases
     worst = max(range(plan.pp), key=lambda r: ranks[r].total)
     t_max = ranks[worst].total
     fill = (sum(r.total for r in ranks) - t_max) / plan.vpp

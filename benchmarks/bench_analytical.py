@@ -10,9 +10,8 @@ import argparse
 import itertools
 import time
 
-from meshplan.core.check import check_plan
-
 import meshplan as mp
+from meshplan.core.check import check_plan
 
 
 def varied_plans(model, cluster, work) -> list[mp.Plan]:

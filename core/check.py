@@ -84,6 +84,8 @@ def _check_pipeline(model, work, plan, bad) -> None:
 
 
 def _check_experts(model, plan, bad) -> None:
+    if plan.expert_placement is not None:
+        _check_placement(model, plan, bad)
     if plan.ep == 1:
         return
     if model.moe is None:
@@ -94,3 +96,26 @@ def _check_experts(model, plan, bad) -> None:
     room = plan.dp * plan.cp * plan.tp // max(plan.etp or plan.tp, 1)
     if room % plan.ep:
         bad("plan.ep", f"ep={plan.ep} does not divide dp*cp*tp/etp = {room}")
+
+
+def _check_placement(model, plan, bad) -> None:
+    rows = plan.expert_placement
+    if model.moe is None:
+        bad("plan.expert_placement", f"{model.name} has no experts to place")
+        return
+    n, layers = model.moe.n_experts, model.n_moe_layers
+    if len(rows) not in (1, layers):
+        bad("plan.expert_placement", f"{len(rows)} rows; expected 1 (all MoE layers) or "
+            f"{layers} (one per MoE layer)")
+    for i, row in enumerate(rows):
+        where = f"plan.expert_placement[{i}]"
+        if len(row) < n:
+            bad(where, f"{len(row)} slots for {n} experts")
+        elif len(row) % plan.ep:
+            bad(where, f"{len(row)} slots are not divisible by ep={plan.ep}")
+        outside = sorted({e for e in row if not 0 <= e < n})
+        missing = sorted(set(range(n)) - set(row))
+        if outside:
+            bad(where, f"expert ids {outside[:8]} outside 0..{n - 1}")
+        if missing:
+            bad(where, f"experts {missing[:8]} have no slot")

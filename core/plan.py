@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import SpecError, require
+
+if TYPE_CHECKING:
+    from .model import ModelSpec
 
 Schedule = Literal["gpipe", "1f1b", "interleaved", "zb", "dualpipe"]
 Recompute = Literal["none", "selective", "op", "full"]
@@ -53,6 +56,10 @@ class Plan:
     attn: Attention = "flash"
     kernels: Kernels = "fused"  # fused elementwise kernels (Megatron/TE, torch.compile) or eager
     stage_layers: tuple[int, ...] | None = None  # transformer layers per virtual stage
+    # Physical expert slot -> logical expert, one row for every MoE layer or one row per MoE
+    # layer (EPLB's phy2log map). Slot j lives on EP rank j // (slots / ep). None: expert e
+    # in slot e.
+    expert_placement: tuple[tuple[int, ...], ...] | None = None
     version: int = PLAN_VERSION
 
     # ---- compact text form ----------------------------------------------
@@ -84,6 +91,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["stage_layers"] = list(self.stage_layers) if self.stage_layers else None
+        if self.expert_placement is not None:
+            d["expert_placement"] = [list(row) for row in self.expert_placement]
         return d
 
     def to_json(self) -> str:
@@ -99,6 +108,8 @@ class Plan:
         data = dict(data)
         if data.get("stage_layers") is not None:
             data["stage_layers"] = tuple(int(x) for x in data["stage_layers"])
+        if data.get("expert_placement") is not None:
+            data["expert_placement"] = _placement(data["expert_placement"])
         for key in _INT_KEYS:
             if key in data:
                 data[key] = parse_value(key, str(data[key]))
@@ -133,6 +144,17 @@ class Plan:
         return global_batch // (self.dp * self.mbs)
 
 
+def _placement(rows: Any) -> tuple[tuple[int, ...], ...]:
+    ok = isinstance(rows, list | tuple) and all(isinstance(r, list | tuple) for r in rows)
+    require(ok and len(rows) > 0, "plan.expert_placement",
+            "expected a list of rows (physical slot -> logical expert), one for all MoE "
+            f"layers or one per MoE layer; got {str(rows)[:60]}")
+    try:
+        return tuple(tuple(int(x) for x in row) for row in rows)
+    except (TypeError, ValueError):
+        raise SpecError("plan.expert_placement", "expert ids must be integers") from None
+
+
 def parse_value(key: str, value: str) -> Any:
     if key in _INT_KEYS:
         try:
@@ -155,3 +177,19 @@ def parse_value(key: str, value: str) -> Any:
         return tuple(int(x) for x in value.split(":"))
     known = list(_INT_KEYS) + list(_CHOICES) + list(_BOOL_KEYS) + ["stage_layers"]
     raise SpecError("plan", f"unknown key {key!r}; known keys: {', '.join(known)}")
+
+
+def default_stage_layers(n_layers: int, n_stages: int) -> tuple[int, ...]:
+    """As even as possible; spare layers go to the middle stages, away from the
+    embedding (first stage) and the LM head (last stage)."""
+    base, extra = divmod(n_layers, n_stages)
+    counts = [base] * n_stages
+    middle = list(range(1, n_stages - 1)) or list(range(n_stages))
+    for i in range(extra):
+        counts[middle[i % len(middle)]] += 1
+    return tuple(counts)
+
+
+def layer_split(model: ModelSpec, plan: Plan) -> tuple[int, ...]:
+    """Transformer layers per virtual stage: the plan's own split, else the default."""
+    return plan.stage_layers or default_stage_layers(model.n_layers, plan.n_stages)

@@ -78,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
                     "workload.*; xK scales), repeatable")
     wi.add_argument("--plot", default="whatif.png", help="bar chart path ('' for none)")
     wi.add_argument("--json", action="store_true")
+    rn = sub.add_parser("run", help="execute a plan file with the torch runtime")
+    rn.add_argument("plan_file")
+    rn.add_argument("--steps", type=int, default=10)
+    rn.add_argument("--warmup-steps", type=int, default=2, help="steps left out of timing")
+    rn.add_argument("--out", default="measured.json")
+    rn.add_argument("--data", help="token file (1-D integer .npy); synthetic when omitted")
+    rn.add_argument("--seed", type=int, default=0)
+    rn.add_argument("--lr", type=float, default=1e-3)
+    rn.add_argument("--seq-len", type=int, help="override the plan file's workload")
+    rn.add_argument("--global-batch", type=int, help="override the plan file's workload")
+    rn.add_argument("--dtype", choices=["bf16", "fp16", "fp8", "fp32"],
+                    help="override the plan file's workload")
+    rn.add_argument("--checkpoint-dir")
+    rn.add_argument("--checkpoint-every", type=int, default=0)
+    rn.add_argument("--resume", action="store_true", help="continue from the newest "
+                    "complete checkpoint in --checkpoint-dir (any plan)")
+    rn.add_argument("--kill-during-save", type=int, default=0, help=argparse.SUPPRESS)
     ex = sub.add_parser("export", help="write a plan file as another engine's config")
     ex.add_argument("plan_file")
     ex.add_argument("--to", required=True, choices=list(TARGETS))
@@ -217,6 +234,48 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import importlib.util
+    import tempfile
+
+    from meshplan.runtime import launch
+
+    require(importlib.util.find_spec("torch") is not None, "run",
+            "the runtime needs torch: pip install -e '.[runtime]' (or torch==2.13.0)")
+    for name in ("steps", "checkpoint_every"):
+        require(getattr(args, name) >= 0, name, f"must be >= 0, got {getattr(args, name)}")
+    require(args.steps > args.warmup_steps >= 0, "warmup_steps",
+            f"need 0 <= warmup ({args.warmup_steps}) < steps ({args.steps})")
+    pf = launch.override(load_plan_file(args.plan_file), args.seq_len, args.global_batch,
+                         args.dtype)
+    import torch
+
+    launch.check_runnable(pf, cuda=torch.cuda.is_available())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/plan.json"
+        save_plan_file(path, pf)
+        worker = ["--plan-file", path, "--out", args.out, "--steps", str(args.steps),
+                  "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
+                  "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every),
+                  "--kill-during-save", str(args.kill_during_save)]
+        worker += ["--data", args.data] if args.data else []
+        worker += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
+        worker += ["--resume"] if args.resume else []
+        job = launch.plan_launch(pf, worker)
+        if job.nnodes > 1:
+            print(f"{job.nnodes} nodes: copy the plan file to every node and run there:")
+            for node in range(job.nnodes):
+                print(" ".join(job.command(node, "MASTER_HOST:29500")).replace(path,
+                                                                             args.plan_file))
+            return 0
+        code = launch.start(job)
+    if code:
+        print(f"meshplan: error: the run failed (torchrun exit {code})", file=sys.stderr)
+        return code
+    print(f"measured JSON written to {args.out}")
+    return 0
+
+
 def _list(kind: str, as_json: bool) -> int:
     if kind == "models":
         specs = [load_model(n) for n in model_names()]
@@ -230,7 +289,7 @@ def _list(kind: str, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"simulate": _simulate, "search": _search, "whatif": _whatif,
-                "export": _export}
+                "export": _export, "run": _run}
     try:
         if args.command in ("models", "clusters"):
             return _list(args.command, args.json)

@@ -11,9 +11,8 @@ import json
 
 from meshplan.core.errors import SpecError, require
 from meshplan.core.model import ModelSpec
-from meshplan.core.plan import Plan
+from meshplan.core.plan import Plan, layer_split
 from meshplan.core.workload import TrainWorkload
-from meshplan.simulator.analytical import layer_split
 
 TARGETS = ("torchtitan", "megatron", "deepspeed")
 

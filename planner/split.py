@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass, replace
 
 import pulp
+
 from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError, require
 from meshplan.core.model import ModelSpec

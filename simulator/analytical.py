@@ -19,7 +19,7 @@ from meshplan.core.check import check_plan
 from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
-from meshplan.core.plan import Plan
+from meshplan.core.plan import Plan, layer_split
 from meshplan.core.results import MemoryBreakdown, SimResult, TimeBreakdown
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
@@ -75,22 +75,6 @@ def ops_time_s(cluster: ClusterSpec, dtype: str, ops: list[Op], eager: bool = Fa
         else:
             total += memory_time_s(dev, op.bytes * (eager_factor(op) if eager else 1.0))
     return total
-
-
-def default_stage_layers(n_layers: int, n_stages: int) -> tuple[int, ...]:
-    """As even as possible; spare layers go to the middle stages, away from the
-    embedding (first stage) and the LM head (last stage)."""
-    base, extra = divmod(n_layers, n_stages)
-    counts = [base] * n_stages
-    middle = list(range(1, n_stages - 1)) or list(range(n_stages))
-    for i in range(extra):
-        counts[middle[i % len(middle)]] += 1
-    return tuple(counts)
-
-
-def layer_split(model: ModelSpec, plan: Plan) -> tuple[int, ...]:
-    """Transformer layers per virtual stage: the plan's own split, else the default."""
-    return plan.stage_layers or default_stage_layers(model.n_layers, plan.n_stages)
 
 
 @dataclass(kw_only=True)

@@ -1,10 +1,10 @@
 from dataclasses import replace
 
 import pytest
-from meshplan.core.schedule import build_schedule, makespan
-from meshplan.costmodels.flops import model_flops_per_token
 
 import meshplan as mp
+from meshplan.core.schedule import build_schedule, makespan
+from meshplan.costmodels.flops import model_flops_per_token
 
 KEYS = {"step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_bytes", "fits",
         "memory_breakdown_bytes", "time_breakdown_s", "plan"}

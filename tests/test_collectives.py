@@ -1,9 +1,9 @@
 from dataclasses import replace
 
 import pytest
-from meshplan.costmodels import collectives as coll
 
 import meshplan as mp
+from meshplan.costmodels import collectives as coll
 
 
 def test_bus_factors_follow_nccl_convention():

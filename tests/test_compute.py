@@ -1,7 +1,7 @@
 import pytest
-from meshplan.costmodels.compute import gemm_efficiency, gemm_time_s
 
 import meshplan as mp
+from meshplan.costmodels.compute import gemm_efficiency, gemm_time_s
 
 
 @pytest.fixture(scope="module")

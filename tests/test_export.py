@@ -4,9 +4,9 @@ import json
 import tomllib
 
 import pytest
-from meshplan.planner.export import export
 
 import meshplan as mp
+from meshplan.planner.export import export
 
 WORK = mp.TrainWorkload(seq_len=8192, global_batch=256)
 

@@ -1,6 +1,7 @@
 """Formulas that must match their papers exactly (validation ring 1)."""
 
 import pytest
+
 from meshplan.core.loaders import model_from_dict
 from meshplan.costmodels.flops import Shard
 from meshplan.costmodels.memory import layer_activation_bytes, model_state_bytes

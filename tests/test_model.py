@@ -1,7 +1,7 @@
 import pytest
-from meshplan.core.loaders import model_from_hf_config, model_from_toml
 
 import meshplan as mp
+from meshplan.core.loaders import model_from_hf_config, model_from_toml
 
 PUBLISHED = [n for n in mp.model_names() if not n.startswith("tiny")]
 

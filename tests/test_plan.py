@@ -1,7 +1,7 @@
 import pytest
-from meshplan.core.check import check_plan
 
 import meshplan as mp
+from meshplan.core.check import check_plan
 
 
 def test_parse_and_resolve():

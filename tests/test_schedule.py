@@ -1,4 +1,5 @@
 import pytest
+
 from meshplan.core.schedule import (
     PipelineSchedule,
     build_schedule,

@@ -4,10 +4,10 @@ import itertools
 from dataclasses import replace
 
 import pytest
-from meshplan.planner.search import NoFeasiblePlan, Objective, gpu_counts, search
-from meshplan.planner.space import SearchSpace, enumerate_plans
 
 import meshplan as mp
+from meshplan.planner.search import NoFeasiblePlan, Objective, gpu_counts, search
+from meshplan.planner.space import SearchSpace, enumerate_plans
 
 SMALL = SearchSpace(cp=(1, 2), vpp=(1, 2), mbs=(1, 2), recompute=("none", "selective", "full"),
                     zero=(0, 1, 3), offload=("none",), sp=(True,))

@@ -5,7 +5,10 @@ import random
 from dataclasses import replace
 
 import pytest
+
+import meshplan as mp
 from meshplan.core.loaders import model_from_dict
+from meshplan.core.plan import default_stage_layers
 from meshplan.planner import split as split_module
 from meshplan.planner.split import (
     DeviceKind,
@@ -17,9 +20,6 @@ from meshplan.planner.split import (
     rank_memory_bytes,
     split_problem,
 )
-from meshplan.simulator.analytical import default_stage_layers
-
-import meshplan as mp
 
 GB = 1e9
 

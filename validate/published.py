@@ -26,9 +26,8 @@ from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.results import SimResult
 from meshplan.core.workload import TrainWorkload
-from meshplan.simulator.analytical import simulate_analytical
-
 from meshplan.loaders import load_cluster
+from meshplan.simulator.analytical import simulate_analytical
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "validation" / \
     "published.json"

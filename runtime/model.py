@@ -1,0 +1,214 @@
+"""A decoder-only transformer built from a `ModelSpec`; it knows nothing of parallelism.
+
+Llama-style blocks (pre-norm RMSNorm, RoPE, grouped-query attention through
+`scaled_dot_product_attention`, SwiGLU MLP) and DeepSeek-style MoE blocks (top-k softmax
+router, optional shared experts, dense-first layers). Layers live in a `ModuleDict` keyed by
+their global index, so a pipeline stage is this model with the other layers deleted, and
+`tok_embeddings`, `norm` and `output` may be `None` on stages that do not own them
+(torchtitan's convention). Two seams are left for `parallelize`: `Attention.core` (the
+attention kernel: context parallelism swaps in ring attention) and `MoE.dispatch` (expert
+parallelism swaps in all-to-all dispatch and combine).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshplan.core.model import ModelSpec
+
+from .support import refuse_unsupported_model
+
+ROPE_THETA = 500_000.0  # Llama 3 (Grattafiori et al. 2024, Table 3)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE (Su et al. 2021, eq. 34) for integer `positions` [s]: [s, hd/2]."""
+    inv = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, heads, hd] by the position's angle."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q [b, heads, s, hd] over k, v [b, kv_heads, s, hd]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h, hd = spec.hidden_size, spec.head_dim
+        bias = spec.bias or spec.qkv_bias
+        self.head_dim = hd
+        self.wq = nn.Linear(h, spec.n_heads * hd, bias=bias)
+        self.wk = nn.Linear(h, spec.n_kv_heads * hd, bias=bias)
+        self.wv = nn.Linear(h, spec.n_kv_heads * hd, bias=bias)
+        self.wo = nn.Linear(spec.n_heads * hd, h, bias=spec.bias)
+        self.q_norm = nn.RMSNorm(hd, eps=1e-6) if spec.qk_norm else None
+        self.k_norm = nn.RMSNorm(hd, eps=1e-6) if spec.qk_norm else None
+        self.core = causal_attention  # replaced by ring attention under context parallelism
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                positions: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ffn: int, kind: str, bias: bool):
+        super().__init__()
+        self.kind = kind
+        self.w1 = nn.Linear(hidden, ffn, bias=bias)
+        self.w2 = nn.Linear(ffn, hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, ffn, bias=bias) if kind == "swiglu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is not None:  # SwiGLU (Shazeer 2020, eq. 6)
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class Experts(nn.Module):
+    """`n` SwiGLU experts as stacked weights [n, ffn, h] (w2: [n, h, ffn])."""
+
+    def __init__(self, n: int, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n, ffn, hidden))
+        self.w3 = nn.Parameter(torch.empty(n, ffn, hidden))
+        self.w2 = nn.Parameter(torch.empty(n, hidden, ffn))
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [tokens, h] sorted by local expert, `counts[e]` tokens for local expert e."""
+        outs = []
+        for e, part in enumerate(x.split(counts)):
+            hidden = F.silu(part @ self.w1[e].t()) * (part @ self.w3[e].t())
+            outs.append(hidden @ self.w2[e].t())
+        return torch.cat(outs) if outs else x[:0]
+
+
+def local_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Run each (token, choice) row of x through its expert; all experts are local.
+
+    x [n, h] holds one row per (token, choice), `expert_ids` [n] the expert of each (the
+    row of `experts`). Returns the expert outputs in the same row order.
+    """
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=experts.w1.shape[0]).tolist()
+    return unsort(experts(x[order], counts), order)
+
+
+def unsort(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of `x = y[order]` (differentiable)."""
+    return torch.empty_like(x).index_copy(0, order, x)
+
+
+class MoE(nn.Module):
+    """Top-k softmax router over `n_experts` experts plus optional shared experts (dropless)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        moe = spec.moe
+        assert moe is not None
+        h = spec.hidden_size
+        self.top_k = moe.top_k
+        self.n_experts = moe.n_experts
+        self.router = nn.Linear(h, moe.n_experts, bias=False)
+        self.experts = Experts(moe.n_experts, h, moe.expert_ffn_hidden_size)
+        self.shared = (MLP(h, moe.n_shared_experts * moe.shared_ffn, "swiglu", False)
+                       if moe.n_shared_experts else None)
+        self.dispatch = local_dispatch  # replaced by all-to-all under expert parallelism
+        self.last_expert_ids: torch.Tensor | None = None  # routing record of the last call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        flat = x.reshape(-1, h)
+        probs = self.router(flat).float().softmax(dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)  # [n, k]
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).type_as(x)
+        self.last_expert_ids = ids.detach()
+        rows = flat.repeat_interleave(self.top_k, dim=0)  # [n*k, h], token-major
+        out = self.dispatch(rows, ids.reshape(-1), self.experts)
+        out = (out.view(-1, self.top_k, h) * weights[..., None]).sum(dim=1)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(b, s, h)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(spec.hidden_size, eps=1e-5)
+        self.attention = Attention(spec)
+        self.ffn_norm = nn.RMSNorm(spec.hidden_size, eps=1e-5)
+        if spec.is_moe_layer(layer):
+            self.feed_forward: nn.Module = MoE(spec)
+        else:
+            self.feed_forward = MLP(spec.hidden_size, spec.ffn_hidden_size, spec.mlp, spec.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, positions)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """tokens [b, s] -> logits [b, s, vocab] (or hidden states on a non-last stage)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        refuse_unsupported_model(spec)
+        self.spec = spec
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(spec.vocab_size,
+                                                                spec.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in range(spec.n_layers)})
+        self.norm: nn.Module | None = nn.RMSNorm(spec.hidden_size, eps=1e-5)
+        self.output: nn.Linear | None = nn.Linear(spec.hidden_size, spec.vocab_size,
+                                                  bias=False)
+        if spec.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`h` is tokens on the first stage, hidden states after; `positions` [s] of h."""
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(h)
+        rope = rope_tables(self.spec.head_dim, positions)
+        for layer in self.layers.values():
+            h = layer(h, rope, positions)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+
+def init_weights(model: Transformer, seed: int) -> None:
+    """Deterministic init from one seed: N(0, 0.02), output layers scaled by 1/sqrt(2L)
+    (GPT-2, Radford et al. 2019 §2.3), norms at one, biases at zero."""
+    gen = torch.Generator().manual_seed(seed)
+    depth_std = 0.02 / (2 * model.spec.n_layers) ** 0.5
+    for name, p in sorted(model.named_parameters()):
+        with torch.no_grad():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+                continue
+            std = depth_std if name.endswith(("wo.weight", "w2.weight", "w2")) else 0.02
+            p.copy_(torch.randn(p.shape, generator=gen) * std)

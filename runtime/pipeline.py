@@ -1,0 +1,104 @@
+"""Run one training step of a pipeline rank by walking its action list in the schedule IR.
+
+`F`/`B` run a model chunk forward/backward on one micro-batch; `SF`/`SB` send activations
+or gradients on (non-blocking, waited for at `RG`); `RF`/`RB` receive them (blocking);
+`RG` reduces gradients outside FSDP; `OPT` ends the step (the caller steps the
+optimizer). Messages carry a tag made of (stage, micro-batch, direction), so sends never
+need to be matched in order and any schedule that `schedule.execute` accepts runs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshplan.core.schedule import Action, PipelineSchedule
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [mbs, s_local]
+    labels: torch.Tensor  # [mbs, s_local]
+    positions: torch.Tensor  # [s_local] global positions of the local tokens
+
+
+@dataclass
+class StepState:
+    inputs: dict = field(default_factory=dict)  # (stage, mb) -> received activation
+    outputs: dict = field(default_factory=dict)  # (stage, mb) -> output or scaled loss
+    grads: dict = field(default_factory=dict)  # (stage, mb) -> received output gradient
+    sends: list = field(default_factory=list)
+    loss_sum: float = 0.0
+
+
+@dataclass(kw_only=True)
+class PipelineRank:
+    chunks: dict[int, nn.Module]  # virtual stage -> model chunk on this rank
+    schedule: PipelineSchedule
+    pp_rank: int
+    peer: Callable[[int], int]  # pipeline rank -> global rank
+    act_shape: tuple[int, ...]  # activation between stages [mbs, s_local, h]
+    act_dtype: torch.dtype
+    device: torch.device
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    reduce_grads: Callable[[], None]
+    sync_flag: Callable[[nn.Module, bool], None]  # FSDP gradient sync on/off per chunk
+
+    def step(self, micro: list[MicroBatch]) -> float:
+        """Run the step; returns the sum over micro-batches of this rank's mean losses
+        (non-zero only on the last stage)."""
+        st = StepState()
+        last_b = {}
+        for a in self.schedule.actions[self.pp_rank]:
+            if a.kind == "B":
+                last_b[a.stage] = a.microbatch
+        for a in self.schedule.actions[self.pp_rank]:
+            self._run(a, st, micro, last_b)
+        return st.loss_sum
+
+    def _run(self, a: Action, st: StepState, micro: list[MicroBatch], last_b) -> None:
+        key = (a.stage, a.microbatch)
+        n = self.schedule.n_stages
+        if a.kind == "RF":
+            buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+            dist.recv(buf, self.peer((a.stage - 1) % self.schedule.n_ranks),
+                      tag=self._tag(a.stage, a.microbatch, 0))
+            st.inputs[key] = buf.requires_grad_()
+        elif a.kind == "F":
+            mb = micro[a.microbatch]
+            x = mb.tokens if a.stage == 0 else st.inputs[key]
+            out = self.chunks[a.stage](x, mb.positions)
+            if a.stage == n - 1:
+                loss = self.loss_fn(out, mb.labels)
+                st.loss_sum += loss.item()
+                out = loss / len(micro)
+            st.outputs[key] = out
+        elif a.kind == "SF":
+            st.sends.append(dist.isend(st.outputs[key].detach().contiguous(),
+                                       self.peer((a.stage + 1) % self.schedule.n_ranks),
+                                       tag=self._tag(a.stage + 1, a.microbatch, 0)))
+        elif a.kind == "RB":
+            buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+            dist.recv(buf, self.peer((a.stage + 1) % self.schedule.n_ranks),
+                      tag=self._tag(a.stage, a.microbatch, 1))
+            st.grads[key] = buf
+        elif a.kind == "B":
+            self.sync_flag(self.chunks[a.stage], a.microbatch == last_b[a.stage])
+            out = st.outputs.pop(key)
+            torch.autograd.backward(out, None if a.stage == n - 1 else st.grads.pop(key))
+        elif a.kind == "SB":
+            grad = st.inputs.pop(key).grad
+            st.sends.append(dist.isend(grad.contiguous(),
+                                       self.peer((a.stage - 1) % self.schedule.n_ranks),
+                                       tag=self._tag(a.stage - 1, a.microbatch, 1)))
+        elif a.kind == "RG":
+            for work in st.sends:
+                work.wait()
+            self.reduce_grads()
+
+    def _tag(self, stage: int, microbatch: int, direction: int) -> int:
+        return (stage * self.schedule.n_microbatches + microbatch) * 2 + direction

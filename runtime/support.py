@@ -1,0 +1,51 @@
+"""What the runtime can execute, checked before any process starts (no torch import).
+
+`check_plan` (core) says whether a plan is valid for the model and cluster at all; this
+says whether *this runtime* builds it. Each refusal names the field and the numbers.
+"""
+
+from __future__ import annotations
+
+from meshplan.core.errors import SpecError
+from meshplan.core.model import ModelSpec
+from meshplan.core.plan import Plan
+
+
+def refuse_unsupported_model(spec: ModelSpec) -> None:
+    if spec.mla is not None:
+        raise SpecError("model.mla", f"{spec.name} uses multi-head latent attention, which "
+                        "the runtime does not build yet (GQA/MQA/MHA only)")
+    if spec.position != "rope":
+        raise SpecError("model.position", f"{spec.name} uses {spec.position} positions; "
+                        "the runtime builds RoPE models only")
+    if spec.norm != "rmsnorm":
+        raise SpecError("model.norm", f"{spec.name} uses {spec.norm}; the runtime builds "
+                        "RMSNorm models only")
+    if spec.moe is not None and spec.moe.capacity_factor is not None:
+        raise SpecError("model.moe.capacity_factor", "the runtime's MoE is dropless; "
+                        f"capacity factor {spec.moe.capacity_factor} is not supported")
+    if spec.moe is not None and spec.moe.router_bias:
+        raise SpecError("model.moe.router_bias", "the runtime's router has no "
+                        "aux-loss-free bias yet")
+
+
+def refuse_unsupported_plan(spec: ModelSpec, plan: Plan, cuda: bool) -> None:
+    """`plan` resolved. Raises SpecError for the first thing the runtime cannot run."""
+    refuse_unsupported_model(spec)
+    if plan.tp > 1 and spec.n_kv_heads % plan.tp:
+        raise SpecError("plan.tp", f"the runtime shards KV heads: {spec.n_kv_heads} KV heads "
+                        f"are not divisible by tp={plan.tp}")
+    if spec.tied_embeddings and (plan.tp > 1 or plan.pp > 1):
+        raise SpecError("model.tied_embeddings", f"tied embeddings with tp={plan.tp}, "
+                        f"pp={plan.pp}: the runtime ties them only without TP and PP")
+    if spec.qk_norm and plan.tp > 1:
+        raise SpecError("model.qk_norm", f"QK-norm with tp={plan.tp} is not built yet")
+    if plan.expert_placement is not None and spec.moe is not None:
+        n = spec.moe.n_experts
+        slots = {len(row) for row in plan.expert_placement}
+        if slots != {n}:
+            raise SpecError("plan.expert_placement", f"{sorted(slots)} slots for {n} experts: "
+                            "the runtime places each expert once (no replicas yet)")
+    if plan.offload == "optimizer" and plan.zero == 0 and cuda:
+        raise SpecError("plan.offload", "optimizer offload on CUDA needs zero >= 1 "
+                        "(FSDP2's CPU offload policy)")

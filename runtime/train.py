@@ -1,0 +1,230 @@
+"""The training worker that `meshplan run` starts under torchrun, one per device.
+
+    python -m torch.distributed.run --nproc-per-node N -m meshplan.runtime.train \
+        --plan-file plan.json --steps 10 --out measured.json
+
+Every rank builds the whole model from one seed, keeps its pipeline chunks, parallelizes
+them, and runs the plan's schedule; rank 0 writes the measured JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+
+from meshplan.core.errors import SpecError
+from meshplan.core.planfile import PlanFile, from_dict
+from meshplan.core.schedule import build_schedule
+
+from . import checkpoint as ckpt
+from .data import SyntheticData, TokenFile, rank_micro_batches
+from .grads import reduce_mean
+from .measure import MemoryMeter
+from .mesh import Mesh, build_mesh
+from .model import Transformer, init_weights
+from .parallelize import expert_params, parallelize, split_stages, stage_ids
+from .pipeline import PipelineRank
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    steps: int = 10
+    warmup_steps: int = 2
+    seed: int = 0
+    lr: float = 1e-3
+    data: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    kill_during_save: int = 0  # fault injection for tests: die while saving this step
+
+    def saves_after(self, step: int) -> bool:
+        every = self.checkpoint_every
+        return bool(self.checkpoint_dir and every and (step + 1) % every == 0)
+
+
+def load_plan_file(path: str) -> PlanFile:
+    try:
+        return from_dict(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        raise SpecError("plan_file", f"cannot read {path}: {err}") from None
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def build(pf: PlanFile, mesh: Mesh, seed: int, device: torch.device) -> dict[int, Transformer]:
+    full = Transformer(pf.model)
+    init_weights(full, seed)
+    full.to(device)
+    plan = mesh.plan
+    chunks = split_stages(full, plan, mesh.coord("pp"))
+    return {s: parallelize(c, plan, mesh)
+            for s, c in zip(stage_ids(plan, mesh.coord("pp")), chunks, strict=True)}
+
+
+def grad_reducer(chunks, mesh: Mesh):
+    plan = mesh.plan
+    experts = set().union(*(expert_params(c) for c in chunks.values()))
+    dense = [p for c in chunks.values() for p in c.parameters() if p not in experts]
+    divisor = plan.dp * plan.cp
+
+    def reduce() -> None:
+        if plan.zero == 0 or mesh.size("dp_cp") == 1:
+            reduce_mean(dense, mesh.group("dp_cp"), divisor)
+        if experts:
+            reduce_mean(sorted(experts, key=id_order(chunks)), mesh.group("edp"), divisor)
+    return reduce
+
+
+def id_order(chunks):
+    """Sort key that lists parameters in the same order on every rank."""
+    order = {id(p): i for i, p in enumerate(p for c in chunks.values() for p in c.parameters())}
+    return lambda p: order[id(p)]
+
+
+def set_sync(chunk, on: bool) -> None:
+    if isinstance(chunk, FSDPModule):
+        chunk.set_requires_gradient_sync(on)
+
+
+def run(pf: PlanFile, opts: RunOptions) -> dict | None:
+    """Train for `opts.steps` steps; rank 0 returns the measured record."""
+    device = _device()
+    meter = MemoryMeter(device)
+    plan = pf.plan.resolve(dist.get_world_size())
+    mesh = build_mesh(plan, device.type)
+    chunks = build(pf, mesh, opts.seed, device)
+    params = [p for c in chunks.values() for p in c.parameters()]
+    optim = torch.optim.Adam(params, lr=opts.lr)
+    work = pf.work
+    m = plan.micro_batches(work.global_batch)
+    rank = PipelineRank(
+        chunks=chunks, schedule=build_schedule(plan.schedule, plan.pp, m, plan.vpp),
+        pp_rank=mesh.coord("pp"), peer=mesh.pp_peer,
+        act_shape=_act_shape(pf, plan), act_dtype=torch.float32, device=device,
+        loss_fn=loss_fn, reduce_grads=grad_reducer(chunks, mesh), sync_flag=set_sync)
+    data = _data(pf, opts)
+    start = 0
+    if opts.resume and opts.checkpoint_dir:
+        start = ckpt.load_latest(opts.checkpoint_dir, chunks, optim)
+    losses, times = [], []
+    for step in range(start, opts.steps):
+        micro = rank_micro_batches(data.global_batch(step), dp=plan.dp,
+                                   dp_rank=mesh.coord("dp"), cp=plan.cp,
+                                   cp_rank=mesh.coord("cp"), mbs=plan.mbs, device=device)
+        dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(work.dtype, device):
+            local = rank.step(micro)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(_global_loss(local, mesh, m))
+        if opts.saves_after(step):
+            ckpt.save(opts.checkpoint_dir, step + 1, chunks, optim,
+                      kill=opts.kill_during_save == step + 1)
+    peaks = _gather_peaks(meter.peak_bytes())
+    if dist.get_rank() != 0:
+        return None
+    timed = times[opts.warmup_steps:] or times
+    mean = sum(timed) / len(timed) if timed else float("nan")
+    return {
+        "format": "meshplan-measured", "version": 1,
+        "plan": plan.to_dict(), "model": pf.model.name, "world_size": dist.get_world_size(),
+        "device": device.type, "backend": dist.get_backend(),
+        "seq_len": work.seq_len, "global_batch": work.global_batch, "dtype": work.dtype,
+        "first_step": start, "steps": len(times), "warmup_steps": opts.warmup_steps,
+        "step_times_s": timed, "step_time_s": mean,
+        "tokens_per_s": work.tokens_per_step / mean if timed else float("nan"),
+        "losses": losses,
+        "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks,
+        "memory_method": meter.method,
+        "predicted": pf.predicted,
+    }
+
+
+def _act_shape(pf: PlanFile, plan) -> tuple[int, ...]:
+    seq = pf.work.seq_len // plan.cp // (plan.tp if plan.sp and plan.tp > 1 else 1)
+    return (plan.mbs, seq, pf.model.hidden_size)
+
+
+def _global_loss(local: float, mesh: Mesh, m: int) -> float:
+    """Mean loss over the global batch. `local` sums this rank's m micro-batch means; the
+    last-stage, tp-rank-0 ranks hold the dp·cp disjoint parts."""
+    plan = mesh.plan
+    owner = mesh.coord("pp") == plan.pp - 1 and mesh.coord("tp") == 0
+    t = torch.tensor([local if owner else 0.0], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / (plan.dp * plan.cp * m)
+
+
+def _gather_peaks(peak: int) -> list[int]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, peak)
+    return out
+
+
+def _data(pf: PlanFile, opts: RunOptions):
+    args = (pf.model.vocab_size, pf.work.seq_len, pf.work.global_batch, opts.seed)
+    return TokenFile(opts.data, *args) if opts.data else SyntheticData(*args)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(dtype: str, device: torch.device):
+    lowp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(dtype)
+    return torch.autocast(device.type, dtype=lowp, enabled=lowp is not None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="meshplan.runtime.train")
+    p.add_argument("--plan-file", required=True)
+    p.add_argument("--out")
+    for f in ("steps", "warmup_steps", "seed", "checkpoint_every", "kill_during_save"):
+        p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(RunOptions, f))
+    p.add_argument("--lr", type=float, default=RunOptions.lr)
+    p.add_argument("--data")
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--resume", action="store_true")
+    a = p.parse_args(argv)
+    opts = RunOptions(steps=a.steps, warmup_steps=a.warmup_steps, seed=a.seed, lr=a.lr,
+                      data=a.data, checkpoint_dir=a.checkpoint_dir,
+                      checkpoint_every=a.checkpoint_every, resume=a.resume,
+                      kill_during_save=a.kill_during_save)
+    torch.set_num_threads(1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    try:
+        record = run(load_plan_file(a.plan_file), opts)
+        if record is not None and a.out:
+            Path(a.out).write_text(json.dumps(record, indent=1))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

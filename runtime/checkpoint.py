@@ -3,10 +3,10 @@
 The state is keyed by the model's global parameter names (layers keep their global index
 on every pipeline stage), so a checkpoint written under one plan loads under another: DCP
 reshards DTensor (TP/FSDP) entries, and expert weights are stored one logical expert per
-key, so any expert-parallel placement finds its rows. Adam's moments are stored beside
-each parameter with the same layout. A save writes `step_N.partial/` and renames it to
-`step_N/` only after every rank finished, so a killed save leaves the previous
-checkpoint as the latest complete one.
+key, so any expert-parallel placement finds its rows. Adam's moments (SGD's momentum)
+are stored beside each parameter with the same layout. A save writes `step_N.partial/`
+and renames it to `step_N/` only after every rank finished, so a killed save leaves the
+previous checkpoint as the latest complete one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from .experts import ExpertDispatch
 from .model import MoE
 
 _DONE = re.compile(r"^step_(\d+)$")
-_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _expert_rows(chunk: nn.Module) -> dict[str, list[int]]:
@@ -55,22 +54,27 @@ def state_dict(chunks: dict[int, nn.Module], optim: torch.optim.Optimizer) -> di
     for chunk in chunks.values():
         rows = _expert_rows(chunk)
         for name, p in chunk.named_parameters():
-            st = _adam_state(optim, p)
             out.update(_entries("model." + name, p.data, {"model." + k: v
                                                           for k, v in rows.items()}))
-            for key in _MOMENTS:
-                out.update(_entries(f"optim.{name}.{key}", st[key],
-                                    {f"optim.{k}.{key}": v for k, v in rows.items()}))
-            out[f"optim.{name}.step"] = st["step"]
+            for key, value in _optimizer_state(optim, p).items():
+                if value.dim() == 0:
+                    out[f"optim.{name}.{key}"] = value
+                else:
+                    out.update(_entries(f"optim.{name}.{key}", value,
+                                        {f"optim.{k}.{key}": v for k, v in rows.items()}))
     return out
 
 
-def _adam_state(optim: torch.optim.Optimizer, p: torch.Tensor) -> dict:
+def _optimizer_state(optim: torch.optim.Optimizer, p: torch.Tensor) -> dict:
+    """The state of `p`, created now if the optimizer has not stepped yet (torch creates
+    it lazily), so that a load has tensors to fill."""
     st = optim.state[p]
-    if not st:  # Adam creates its state lazily; make it now so a load can fill it
+    if not st and isinstance(optim, torch.optim.Adam):
         st["step"] = torch.tensor(0.0)
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    elif not st and isinstance(optim, torch.optim.SGD):
+        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return st
 
 

@@ -59,6 +59,13 @@ def load_plan_file(path: str) -> PlanFile:
         raise SpecError("plan_file", f"cannot read {path}: {err}") from None
 
 
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """The workload's optimizer: Adam (Kingma & Ba 2015) or SGD with momentum 0.9."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr)
+
+
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
@@ -106,8 +113,8 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     mesh = build_mesh(plan, device.type)
     chunks = build(pf, mesh, opts.seed, device)
     params = [p for c in chunks.values() for p in c.parameters()]
-    optim = torch.optim.Adam(params, lr=opts.lr)
     work = pf.work
+    optim = make_optimizer(work.optimizer, params, opts.lr)
     m = plan.micro_batches(work.global_batch)
     rank = PipelineRank(
         chunks=chunks, schedule=build_schedule(plan.schedule, plan.pp, m, plan.vpp),

@@ -1,6 +1,6 @@
 """Run several plans in one torchrun launch and write their losses (used by the tests).
 
-    torchrun --nproc-per-node N tests/runtime/driver.py OUT.json MODEL SEQ BATCH STEPS PLAN...
+    torchrun --nproc-per-node N driver.py OUT MODEL SEQ BATCH STEPS OPTIMIZER LR PLAN...
 
 Each plan runs from the same seed and data in the same process group, which saves the
 start-up of a launch per plan.
@@ -20,17 +20,19 @@ from meshplan.runtime.train import RunOptions, run
 
 
 def main() -> None:
-    out, model, seq, batch, steps, *plans = sys.argv[1:]
+    out, model, seq, batch, steps, optimizer, lr, *plans = sys.argv[1:]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     spec = load_model(model)
-    work = TrainWorkload(seq_len=int(seq), global_batch=int(batch), dtype="fp32")
+    work = TrainWorkload(seq_len=int(seq), global_batch=int(batch), dtype="fp32",
+                         optimizer=optimizer)
     cluster = load_cluster("cpu", gpus=world)
     results = {}
     for text in plans:
-        pf = PlanFile(model=spec, cluster=cluster, work=work, plan=Plan.parse(text))
-        opts = RunOptions(steps=int(steps), warmup_steps=0)
+        plan = Plan.from_json(text) if text.startswith("{") else Plan.parse(text)
+        pf = PlanFile(model=spec, cluster=cluster, work=work, plan=plan)
+        opts = RunOptions(steps=int(steps), warmup_steps=0, lr=float(lr))
         record = run(pf, opts)
         if dist.get_rank() == 0:
             results[text] = record["losses"]

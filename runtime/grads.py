@@ -1,17 +1,26 @@
 """Gradient reduction outside FSDP: ZeRO-0 (DDP semantics) and expert-parallel experts.
 
 Losses are per-rank token means, so the data-parallel gradient is the mean over the dp·cp
-ranks (Li et al. 2020, PyTorch DDP §3). Dense parameters without FSDP are all-reduced over
-dp·cp; experts held by EP ranks are all-reduced over the expert-data-parallel group (the
-ranks holding the same experts) and divided by dp·cp as well, since each expert saw the
-tokens of all dp·cp ranks. Buckets flatten many small gradients into one collective.
+ranks (Li et al. 2020, "PyTorch Distributed", §3). Dense parameters without FSDP are
+all-reduced over dp·cp; experts held by EP ranks are all-reduced over the expert-data-
+parallel group (the ranks holding the same experts) and divided by dp·cp as well, since
+each expert saw the tokens of all dp·cp ranks.
+
+Gradients go in buckets (DDP's 25 MiB), in reverse parameter order, the order backward
+produces them. With `dp_overlap` a bucket's all-reduce starts asynchronously as soon as
+its last gradient is final (the last micro-batch's backward of its chunk), overlapping the
+rest of backward, as DDP does (Li et al. 2020 §3.2.3). Buckets are launched strictly in
+index order, so every rank issues the same collectives in the same order.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
@@ -21,27 +30,84 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def reduce_mean(params: list[nn.Parameter], group, divisor: int) -> None:
-    """All-reduce (sum) the gradients of `params` over `group`, then divide by `divisor`."""
-    grads = [local(p.grad) for p in params if p.grad is not None]
-    for bucket in _buckets(grads):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
-        flat /= divisor
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    group: dist.ProcessGroup
+    waiting: set[int] = field(default_factory=set)  # ids of params not final yet
+    flat: torch.Tensor | None = None
+    work: object = None
 
 
-def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    out: list[list[torch.Tensor]] = []
+class GradReducer:
+    def __init__(self, chunks: dict[int, nn.Module],
+                 jobs: list[tuple[list[nn.Parameter], dist.ProcessGroup]],
+                 divisor: int, overlap: bool):
+        self.divisor, self.overlap = divisor, overlap
+        self.buckets = [b for params, group in jobs for b in _bucketize(params, group)]
+        self.chunk_of = {id(p): s for s, c in chunks.items() for p in c.parameters()}
+        self.armed: set[int] = set()  # stages in their last micro-batch's backward
+        self.next = 0
+        self._reset()
+        if overlap:
+            for i, b in enumerate(self.buckets):
+                for p in b.params:
+                    p.register_post_accumulate_grad_hook(self._hook(i))
+
+    def arm(self, stage: int, chunk: nn.Module, last: bool) -> None:
+        """Called before each backward: `last` when it is this chunk's final micro-batch."""
+        if isinstance(chunk, FSDPModule):
+            chunk.set_requires_gradient_sync(last)
+        (self.armed.add if last else self.armed.discard)(stage)
+
+    def finish(self) -> None:
+        """At the schedule's RG: launch what is left, wait, write back the means."""
+        self._launch_ready(force=True)
+        for b in self.buckets:
+            b.work.wait()
+            b.flat /= self.divisor
+            offset = 0
+            for p in b.params:
+                g = local(p.grad)
+                g.copy_(b.flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        self._reset()
+
+    def _hook(self, index: int):
+        def hook(p: torch.Tensor) -> None:
+            if self.chunk_of[id(p)] in self.armed:
+                self.buckets[index].waiting.discard(id(p))
+                self._launch_ready()
+        return hook
+
+    def _launch_ready(self, force: bool = False) -> None:
+        while self.next < len(self.buckets):
+            b = self.buckets[self.next]
+            if b.waiting and not force:
+                return
+            for p in b.params:
+                if p.grad is None:  # unused this step: contributes zero
+                    p.grad = torch.zeros_like(p)
+            b.flat = torch.cat([local(p.grad).reshape(-1) for p in b.params])
+            b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+            self.next += 1
+
+    def _reset(self) -> None:
+        self.next = 0
+        self.armed.clear()
+        for b in self.buckets:
+            b.waiting = {id(p) for p in b.params}
+            b.flat, b.work = None, None
+
+
+def _bucketize(params: list[nn.Parameter], group) -> list[Bucket]:
+    out: list[Bucket] = []
     size = BUCKET_BYTES
-    for g in grads:
-        if size + g.numel() * g.element_size() > BUCKET_BYTES or g.dtype != out[-1][0].dtype:
-            out.append([])
+    for p in reversed(params):
+        nbytes = local(p).numel() * p.element_size()
+        if size + nbytes > BUCKET_BYTES or p.dtype != out[-1].params[0].dtype:
+            out.append(Bucket(params=[], group=group))
             size = 0
-        out[-1].append(g)
-        size += g.numel() * g.element_size()
+        out[-1].params.append(p)
+        size += nbytes
     return out

@@ -2,9 +2,10 @@
 
 `F`/`B` run a model chunk forward/backward on one micro-batch; `SF`/`SB` send activations
 or gradients on (non-blocking, waited for at `RG`); `RF`/`RB` receive them (blocking);
-`RG` reduces gradients outside FSDP; `OPT` ends the step (the caller steps the
-optimizer). Messages carry a tag made of (stage, micro-batch, direction), so sends never
-need to be matched in order and any schedule that `schedule.execute` accepts runs here.
+`RG` finishes the gradient reduction outside FSDP (`grads.py`); `OPT` ends the step (the
+caller steps the optimizer). Messages carry a tag made of (stage, micro-batch,
+direction), so sends never need to be matched in order and any schedule that
+`schedule.execute` accepts runs here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from meshplan.core.schedule import Action, PipelineSchedule
+
+from .grads import GradReducer
 
 
 @dataclass
@@ -45,8 +48,7 @@ class PipelineRank:
     act_dtype: torch.dtype
     device: torch.device
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    reduce_grads: Callable[[], None]
-    sync_flag: Callable[[nn.Module, bool], None]  # FSDP gradient sync on/off per chunk
+    grads: GradReducer
 
     def step(self, micro: list[MicroBatch]) -> float:
         """Run the step; returns the sum over micro-batches of this rank's mean losses
@@ -87,7 +89,7 @@ class PipelineRank:
                       tag=self._tag(a.stage, a.microbatch, 1))
             st.grads[key] = buf
         elif a.kind == "B":
-            self.sync_flag(self.chunks[a.stage], a.microbatch == last_b[a.stage])
+            self.grads.arm(a.stage, self.chunks[a.stage], a.microbatch == last_b[a.stage])
             out = st.outputs.pop(key)
             torch.autograd.backward(out, None if a.stage == n - 1 else st.grads.pop(key))
         elif a.kind == "SB":
@@ -98,7 +100,7 @@ class PipelineRank:
         elif a.kind == "RG":
             for work in st.sends:
                 work.wait()
-            self.reduce_grads()
+            self.grads.finish()
 
     def _tag(self, stage: int, microbatch: int, direction: int) -> int:
         return (stage * self.schedule.n_microbatches + microbatch) * 2 + direction

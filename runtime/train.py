@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 
 from meshplan.core.errors import SpecError
 from meshplan.core.planfile import PlanFile, from_dict
@@ -27,7 +26,7 @@ from meshplan.core.schedule import build_schedule
 
 from . import checkpoint as ckpt
 from .data import SyntheticData, TokenFile, rank_micro_batches
-from .grads import reduce_mean
+from .grads import GradReducer
 from .measure import MemoryMeter
 from .mesh import Mesh, build_mesh
 from .model import Transformer, init_weights
@@ -80,29 +79,16 @@ def build(pf: PlanFile, mesh: Mesh, seed: int, device: torch.device) -> dict[int
             for s, c in zip(stage_ids(plan, mesh.coord("pp")), chunks, strict=True)}
 
 
-def grad_reducer(chunks, mesh: Mesh):
+def grad_reducer(chunks, mesh: Mesh) -> GradReducer:
     plan = mesh.plan
     experts = set().union(*(expert_params(c) for c in chunks.values()))
-    dense = [p for c in chunks.values() for p in c.parameters() if p not in experts]
-    divisor = plan.dp * plan.cp
-
-    def reduce() -> None:
-        if plan.zero == 0 or mesh.size("dp_cp") == 1:
-            reduce_mean(dense, mesh.group("dp_cp"), divisor)
-        if experts:
-            reduce_mean(sorted(experts, key=id_order(chunks)), mesh.group("edp"), divisor)
-    return reduce
-
-
-def id_order(chunks):
-    """Sort key that lists parameters in the same order on every rank."""
-    order = {id(p): i for i, p in enumerate(p for c in chunks.values() for p in c.parameters())}
-    return lambda p: order[id(p)]
-
-
-def set_sync(chunk, on: bool) -> None:
-    if isinstance(chunk, FSDPModule):
-        chunk.set_requires_gradient_sync(on)
+    params = [p for c in chunks.values() for p in c.parameters()]
+    jobs = []
+    if plan.zero == 0 or mesh.size("dp_cp") == 1:
+        jobs.append(([p for p in params if p not in experts], mesh.group("dp_cp")))
+    if experts:
+        jobs.append(([p for p in params if p in experts], mesh.group("edp")))
+    return GradReducer(chunks, jobs, divisor=plan.dp * plan.cp, overlap=plan.dp_overlap)
 
 
 def run(pf: PlanFile, opts: RunOptions) -> dict | None:
@@ -120,7 +106,7 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
         chunks=chunks, schedule=build_schedule(plan.schedule, plan.pp, m, plan.vpp),
         pp_rank=mesh.coord("pp"), peer=mesh.pp_peer,
         act_shape=_act_shape(pf, plan), act_dtype=torch.float32, device=device,
-        loss_fn=loss_fn, reduce_grads=grad_reducer(chunks, mesh), sync_flag=set_sync)
+        loss_fn=loss_fn, grads=grad_reducer(chunks, mesh))
     data = _data(pf, opts)
     start = 0
     if opts.resume and opts.checkpoint_dir:

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N driver.py OUT MODEL SEQ BATCH STEPS OPTIMIZER LR PLAN...
 
 Each plan runs from the same seed and data in the same process group, which saves the
-start-up of a launch per plan.
+start-up of a launch per plan. Gradient buckets are made small so that the overlapped
+reduction runs many buckets, launched while backward is still running.
 """
 
 import json
@@ -16,12 +17,14 @@ from meshplan.core.plan import Plan
 from meshplan.core.planfile import PlanFile
 from meshplan.core.workload import TrainWorkload
 from meshplan.loaders import load_cluster, load_model
+from meshplan.runtime import grads
 from meshplan.runtime.train import RunOptions, run
 
 
 def main() -> None:
     out, model, seq, batch, steps, optimizer, lr, *plans = sys.argv[1:]
     torch.set_num_threads(1)
+    grads.BUCKET_BYTES = 16 * 1024
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     spec = load_model(model)

@@ -24,6 +24,7 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 class DeviceSpec:
     name: str
     peak_flops_per_s: dict[str, float]  # dense (no sparsity) tensor-core peak per dtype
+    kind: Literal["gpu", "cpu"] = "gpu"  # what `meshplan run` needs to execute a plan
     hbm_bytes: float
     hbm_bw_bytes_per_s: float
     compute_units: int  # SMs (NVIDIA) or CUs (AMD): sets GEMM wave quantisation
@@ -106,6 +107,8 @@ class ClusterSpec:
             f"{self.n_gpus} GPUs is not a whole number of {g}-GPU nodes",
         )
         d = self.device
+        require(d.kind in ("gpu", "cpu"), "cluster.device.kind",
+                f"must be 'gpu' or 'cpu', got {d.kind!r}")
         fractions = {f"gemm_peak_fraction.{k}": v for k, v in d.gemm_peak_fraction.items()}
         fractions |= {"attention_peak_fraction": d.attention_peak_fraction,
                       "mem_bw_fraction": d.mem_bw_fraction}

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 from meshplan.api import ENGINES, search, simulate, whatif
 from meshplan.core.errors import SpecError, require
@@ -250,25 +251,27 @@ def _run(args: argparse.Namespace) -> int:
                          args.dtype)
     import torch
 
-    launch.check_runnable(pf, cuda=torch.cuda.is_available())
+    launch.check_runnable(pf, torch.cuda.device_count())
+    worker = ["--out", args.out, "--steps", str(args.steps),
+              "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
+              "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every)]
+    worker += ["--kill-during-save", str(args.kill_during_save)] if args.kill_during_save else []
+    worker += ["--data", args.data] if args.data else []
+    worker += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
+    worker += ["--resume"] if args.resume else []
+    if pf.cluster.n_nodes > 1:
+        path = str(Path(args.out).with_suffix(".plan.json"))
+        save_plan_file(path, pf)
+        job = launch.plan_launch(pf, ["--plan-file", path, *worker])
+        print(f"{job.nnodes} nodes: copy {path} to every node and start on each "
+              "(MASTER_HOST: the address of node 0):")
+        for node in range(job.nnodes):
+            print(" ".join(job.command(node, "MASTER_HOST:29500")))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/plan.json"
         save_plan_file(path, pf)
-        worker = ["--plan-file", path, "--out", args.out, "--steps", str(args.steps),
-                  "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
-                  "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every),
-                  "--kill-during-save", str(args.kill_during_save)]
-        worker += ["--data", args.data] if args.data else []
-        worker += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
-        worker += ["--resume"] if args.resume else []
-        job = launch.plan_launch(pf, worker)
-        if job.nnodes > 1:
-            print(f"{job.nnodes} nodes: copy the plan file to every node and run there:")
-            for node in range(job.nnodes):
-                print(" ".join(job.command(node, "MASTER_HOST:29500")).replace(path,
-                                                                             args.plan_file))
-            return 0
-        code = launch.start(job)
+        code = launch.start(launch.plan_launch(pf, ["--plan-file", path, *worker]))
     if code:
         print(f"meshplan: error: the run failed (torchrun exit {code})", file=sys.stderr)
         return code

@@ -28,13 +28,13 @@ class Launch:
     worker_args: tuple[str, ...]
 
     def command(self, node_rank: int = 0, master: str = "127.0.0.1:29500") -> list[str]:
-        head = [sys.executable, "-m", "torch.distributed.run",
-                f"--nproc-per-node={self.nproc_per_node}"]
-        if self.nnodes == 1:
-            head += ["--standalone"]
-        else:
-            head += [f"--nnodes={self.nnodes}", f"--node-rank={node_rank}",
-                     "--rdzv-backend=c10d", f"--rdzv-endpoint={master}"]
+        if self.nnodes == 1:  # run here, with this interpreter
+            head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={self.nproc_per_node}"]
+        else:  # printed for the user to start on each node
+            head = ["torchrun", f"--nproc-per-node={self.nproc_per_node}",
+                    f"--nnodes={self.nnodes}", f"--node-rank={node_rank}",
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint={master}"]
         return head + ["-m", "meshplan.runtime.train", *self.worker_args]
 
 
@@ -48,8 +48,12 @@ def override(pf: PlanFile, seq_len: int | None = None, global_batch: int | None 
     return dataclasses.replace(pf, work=dataclasses.replace(pf.work, **changes))
 
 
-def check_runnable(pf: PlanFile, cuda: bool) -> None:
-    """Raise SpecError with every reason the plan file cannot run."""
+def check_runnable(pf: PlanFile, cuda_devices: int) -> None:
+    """Raise SpecError with every reason the plan file cannot run on this machine, which
+    has `cuda_devices` CUDA devices."""
+    if pf.cluster.n_nodes == 1:  # several nodes: the commands are printed, not run here
+        _check_devices(pf, cuda_devices)
+    cuda = pf.cluster.device.kind == "gpu"
     plan = pf.plan.resolve(pf.cluster.n_gpus)
     problems = [str(v) for v in check_plan(pf.model, pf.cluster, pf.work, plan)]
     if problems:
@@ -61,11 +65,26 @@ def check_runnable(pf: PlanFile, cuda: bool) -> None:
                         f"< dp({plan.dp}) * mbs({plan.mbs})")
 
 
+def _check_devices(pf: PlanFile, cuda_devices: int) -> None:
+    c = pf.cluster
+    if c.device.kind == "cpu":
+        return
+    if cuda_devices == 0:
+        raise SpecError("cluster", f"the plan is for {c.n_gpus} x {c.device.name} and this "
+                        "machine has no CUDA device: run it where the GPUs are, or plan for "
+                        "the `cpu` cluster")
+    local = min(c.n_gpus, c.node.gpus_per_node)
+    if cuda_devices < local:
+        raise SpecError("cluster", f"the plan needs {local} GPUs per node and this machine "
+                        f"has {cuda_devices} CUDA devices")
+
+
 def plan_launch(pf: PlanFile, worker_args: list[str]) -> Launch:
     per_node = pf.cluster.node.gpus_per_node
     world = pf.cluster.n_gpus
+    device = "cpu" if pf.cluster.device.kind == "cpu" else "cuda"
     return Launch(nnodes=pf.cluster.n_nodes, nproc_per_node=min(world, per_node),
-                  worker_args=tuple(worker_args))
+                  worker_args=(*worker_args, "--device", device))
 
 
 def start(launch: Launch) -> int:

@@ -49,3 +49,28 @@ def refuse_unsupported_plan(spec: ModelSpec, plan: Plan, cuda: bool) -> None:
     if plan.offload == "optimizer" and plan.zero == 0 and cuda:
         raise SpecError("plan.offload", "optimizer offload on CUDA needs zero >= 1 "
                         "(FSDP2's CPU offload policy)")
+
+
+def execution_notes(spec: ModelSpec, plan: Plan, device: str) -> list[str]:
+    """Where the runtime executes the plan differently from what the plan says (recorded in
+    the measured JSON, so that a comparison with the simulator knows)."""
+    notes = []
+    if plan.zero == 1 and plan.dp * plan.cp > 1:
+        notes.append("zero=1 runs as ZeRO-2: FSDP2 reduce-scatters gradients in backward")
+    if plan.zero >= 1 and plan.ep > 1:
+        notes.append("expert weights are not ZeRO-sharded; their gradients are all-reduced "
+                     "over the expert-data-parallel group")
+    if spec.moe is not None and plan.tp > 1:
+        notes.append("experts are replicated on the TP ranks (etp=1) and run on the full "
+                     "sequence of the TP group")
+    if plan.tp_overlap and plan.tp > 1:
+        notes.append("tp_overlap is not applied: TP collectives are exposed")
+    if plan.kernels == "fused":
+        notes.append("kernels=fused: eager torch ops (no fused kernels yet)")
+    if plan.cp > 1:
+        notes.append("cp: ring attention computes score blocks in eager torch (not fused)")
+    elif plan.attn == "unfused":
+        notes.append("attn=unfused: scaled_dot_product_attention still picks a fused kernel")
+    if plan.offload == "optimizer" and device == "cpu":
+        notes.append("offload=optimizer: nothing to move on CPU")
+    return notes

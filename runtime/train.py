@@ -32,6 +32,7 @@ from .mesh import Mesh, build_mesh
 from .model import Transformer, init_weights
 from .parallelize import expert_params, parallelize, split_stages, stage_ids
 from .pipeline import PipelineRank
+from .support import execution_notes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +46,7 @@ class RunOptions:
     checkpoint_every: int = 0
     resume: bool = False
     kill_during_save: int = 0  # fault injection for tests: die while saving this step
+    device: str = "cpu"  # "cuda": one GPU per process, NCCL
 
     def saves_after(self, step: int) -> bool:
         every = self.checkpoint_every
@@ -93,7 +95,7 @@ def grad_reducer(chunks, mesh: Mesh) -> GradReducer:
 
 def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     """Train for `opts.steps` steps; rank 0 returns the measured record."""
-    device = _device()
+    device = _device(opts.device)
     meter = MemoryMeter(device)
     plan = pf.plan.resolve(dist.get_world_size())
     mesh = build_mesh(plan, device.type)
@@ -145,6 +147,7 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
         "losses": losses,
         "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks,
         "memory_method": meter.method,
+        "notes": execution_notes(pf.model, plan, device.type),
         "predicted": pf.predicted,
     }
 
@@ -175,8 +178,8 @@ def _data(pf: PlanFile, opts: RunOptions):
     return TokenFile(opts.data, *args) if opts.data else SyntheticData(*args)
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+def _device(kind: str) -> torch.device:
+    if kind == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
         return dev
@@ -203,14 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     a = p.parse_args(argv)
     opts = RunOptions(steps=a.steps, warmup_steps=a.warmup_steps, seed=a.seed, lr=a.lr,
                       data=a.data, checkpoint_dir=a.checkpoint_dir,
                       checkpoint_every=a.checkpoint_every, resume=a.resume,
-                      kill_during_save=a.kill_during_save)
+                      kill_during_save=a.kill_during_save, device=a.device)
     torch.set_num_threads(1)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     try:
         record = run(load_plan_file(a.plan_file), opts)
         if record is not None and a.out:

@@ -99,3 +99,25 @@ def test_killed_save_resumes_from_last_good_and_reshards(tmp_path):
         m = json.loads(out.read_text())
         assert m["first_step"] == 2
         assert m["losses"] == pytest.approx(expected[2:], abs=TOL)
+
+
+def test_gpu_plan_is_refused_without_cuda_and_multi_node_prints_commands(tmp_path, capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for gpus, expect in [(8, 2), (16, 0)]:
+        path = tmp_path / f"h100-{gpus}.json"
+        assert main(["search", "--model", "llama3-8b", "--cluster", "h100-sxm", "--gpus",
+                     str(gpus), "--seq-len", "4096", "--global-batch", "64",
+                     "--out", str(path)]) == 0
+        capsys.readouterr()
+        out = tmp_path / f"m{gpus}.json"
+        assert main(["run", str(path), "--out", str(out), "--seq-len", "2048"]) == expect
+        text = capsys.readouterr()
+        if expect:
+            assert "no CUDA device" in text.err
+        else:
+            lines = [ln for ln in text.out.splitlines() if ln.startswith("torchrun")]
+            assert len(lines) == 2 and "--node-rank=1" in lines[1]
+            assert "--nnodes=2" in lines[0] and "--device cuda" in lines[0]
+            saved = json.loads(out.with_suffix(".plan.json").read_text())
+            assert saved["workload"]["seq_len"] == 2048  # the override travels with it

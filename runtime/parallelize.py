@@ -202,7 +202,8 @@ def apply_fsdp(model: Transformer, plan: Plan, mesh: Mesh) -> None:
     """ZeRO-3 reshards parameters after forward; ZeRO-1/2 keep them gathered until the
     step (FSDP2 reduce-scatters gradients in backward for both, so ZeRO-1 and ZeRO-2 run
     alike). Expert-parallel experts stay out of FSDP: `grads.py` reduces them."""
-    policy = CPUOffloadPolicy() if plan.offload == "optimizer" else OffloadPolicy()
+    offload = plan.offload == "optimizer" and mesh.device_type == "cuda"  # CPU: already there
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     kw = dict(mesh=mesh.dp_cp, reshard_after_forward=plan.zero == 3, offload_policy=policy,
               ignored_params=expert_params(model) or None)
     for block in model.layers.values():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from meshplan.cli import main
@@ -43,7 +44,11 @@ def test_search_then_run(tmp_path, model):
     assert main(["search", "--model", model, "--cluster", "cpu", "--gpus", "4",
                  "--seq-len", "128", "--global-batch", "16", "--out", str(plan)]) == 0
     out = tmp_path / "measured.json"
-    r = meshplan("run", str(plan), "--steps", "4", "--warmup-steps", "1", "--out", str(out))
+    data = tmp_path / "tokens.npy"
+    np.save(data, np.arange(5000) % 500)
+    extra = ("--data", str(data)) if model == "tiny-dense" else ()
+    r = meshplan("run", str(plan), "--steps", "4", "--warmup-steps", "1", "--out", str(out),
+                 *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(out.read_text())
     assert m["plan"] == Plan.from_dict(json.loads(plan.read_text())["plan"]).resolve(4).to_dict()

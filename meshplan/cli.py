@@ -27,7 +27,14 @@ from meshplan.planner.explain import explain
 from meshplan.planner.export import TARGETS, export
 from meshplan.planner.search import NoFeasiblePlan
 from meshplan.planner.space import SearchSpace
-from meshplan.report import cluster_table, model_table, search_table, sim_table, whatif_table
+from meshplan.report import (
+    cluster_table,
+    measured_table,
+    model_table,
+    search_table,
+    sim_table,
+    whatif_table,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
@@ -275,7 +282,8 @@ def _run(args: argparse.Namespace) -> int:
     if code:
         print(f"meshplan: error: the run failed (torchrun exit {code})", file=sys.stderr)
         return code
-    print(f"measured JSON written to {args.out}")
+    print(measured_table(json.loads(Path(args.out).read_text())))
+    print(f"\nmeasured JSON written to {args.out}")
     return 0
 
 

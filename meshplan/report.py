@@ -95,3 +95,27 @@ def whatif_table(rows: list[WhatIfRow]) -> str:
                     f"{best.mfu * 100:.1f}%", f"{best.peak_memory_bytes / 2**30:.1f}",
                     best.plan.to_text()])
     return _table(["knobs", "GPUs", "tokens/s", "MFU", "GiB", "best plan"], out)
+
+
+def measured_table(m: dict) -> str:
+    """What `meshplan run` measured, beside the plan file's prediction when it has one."""
+    pred = m.get("predicted") or {}
+    rows = []
+    for label, key, scale, unit in (("step time", "step_time_s", 1.0, "s"),
+                                    ("tokens/s", "tokens_per_s", 1.0, ""),
+                                    ("peak memory", "peak_memory_bytes", 2.0**-30, "GiB")):
+        got = m[key] * scale
+        want = pred.get(key)
+        cells = [label, f"{got:.4g} {unit}".strip()]
+        if want:
+            want *= scale
+            cells += [f"{want:.4g} {unit}".strip(), f"{(want - got) / got:+.1%}"]
+        else:
+            cells += ["-", "-"]
+        rows.append(cells)
+    losses = m["losses"]
+    text = _table(["", "measured", "predicted", "error"], rows)
+    text += (f"\n\n{m['steps']} steps from step {m['first_step']} ({m['warmup_steps']} warm-up "
+             f"left out of timing); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    text += f"\nmemory: {m['memory_method']}"
+    return text + "".join(f"\nnote: {n}" for n in m.get("notes", []))

@@ -162,7 +162,8 @@ def _global_loss(local: float, mesh: Mesh, m: int) -> float:
     last-stage, tp-rank-0 ranks hold the dp·cp disjoint parts."""
     plan = mesh.plan
     owner = mesh.coord("pp") == plan.pp - 1 and mesh.coord("tp") == 0
-    t = torch.tensor([local if owner else 0.0], dtype=torch.float64)
+    device = "cuda" if mesh.device_type == "cuda" else "cpu"  # NCCL reduces CUDA tensors only
+    t = torch.tensor([local if owner else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / (plan.dp * plan.cp * m)
 

@@ -24,7 +24,7 @@ from meshplan.core.results import MemoryBreakdown, SimResult, TimeBreakdown
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
 from meshplan.costmodels import memory as mem
-from meshplan.costmodels.compute import attention_time_s, gemm_time_s, memory_time_s
+from meshplan.costmodels.costs import CostModel, NominalCosts
 from meshplan.costmodels.flops import (
     Op,
     Shard,
@@ -62,18 +62,17 @@ class Phase:
         return self.compute + self.recompute + self.comm
 
 
-def ops_time_s(cluster: ClusterSpec, dtype: str, ops: list[Op], eager: bool = False) -> float:
+def ops_time_s(costs: CostModel, dtype: str, ops: list[Op], eager: bool = False) -> float:
     """Seconds for a list of ops. FP8 applies to GEMMs; attention runs in 16-bit."""
-    dev = cluster.device
     attn_dtype = "bf16" if dtype == "fp8" else dtype
     total = 0.0
     for op in ops:
         if op.kind == "gemm":
-            total += gemm_time_s(dev, dtype, op.m, op.n, op.k, op.batch)
+            total += costs.gemm_s(dtype, op.m, op.n, op.k, op.batch)
         elif op.kind == "attn":
-            total += attention_time_s(dev, attn_dtype, op.flops, op.kv_len)
+            total += costs.attention_s(attn_dtype, op.flops, op.kv_len)
         else:
-            total += memory_time_s(dev, op.bytes * (eager_factor(op) if eager else 1.0))
+            total += costs.memory_s(op.bytes * (eager_factor(op) if eager else 1.0))
     return total
 
 
@@ -84,9 +83,11 @@ class CostCache:
     A search evaluates thousands of plans that differ only in degrees and options; the
     layer costs depend on a few of them (the Shard, recompute, overlap, kernels), so one
     cache per search turns most evaluations into arithmetic. Pass the same cache only
-    with the same model, cluster and workload.
+    with the same model, cluster and workload. `costs` is the device cost model the cached
+    times come from (None: `NominalCosts` of the cluster).
     """
 
+    costs: CostModel | None = None
     layer: dict = field(default_factory=dict)
     ends: dict = field(default_factory=dict)
     acts: dict = field(default_factory=dict)
@@ -99,6 +100,7 @@ class PlanCosts:
                  cache: CostCache | None = None):
         self.model, self.cluster, self.work, self.plan = model, cluster, work, plan
         self.cache = cache if cache is not None else CostCache()
+        self.costs = self.cache.costs or NominalCosts(cluster)
         self.dtype = work.dtype
         self.shard = Shard(mbs=plan.mbs, seq=work.seq_len, tp=plan.tp, cp=plan.cp, sp=plan.sp,
                            ep=plan.ep, etp=plan.etp, attn=plan.attn,
@@ -154,7 +156,7 @@ class PlanCosts:
         return self.cache.acts[key]
 
     def _time(self, ops: list[Op], dtype: str | None = None) -> float:
-        return ops_time_s(self.cluster, dtype or self.dtype, ops, self.plan.kernels == "eager")
+        return ops_time_s(self.costs, dtype or self.dtype, ops, self.plan.kernels == "eager")
 
     # ---- per-layer costs -------------------------------------------------------
     def _layer_phase(self, moe_layer: bool) -> tuple[Phase, Phase]:
@@ -186,10 +188,10 @@ class PlanCosts:
         nbytes = self.shard.tokens * self.model.hidden_size * self.shard.act_bytes
         g = self.tp_group
         if self.plan.sp:
-            one = coll.collective_time_s(self.cluster, g, "all_gather", nbytes) + \
-                coll.collective_time_s(self.cluster, g, "reduce_scatter", nbytes)
+            one = self.costs.collective_s(g, "all_gather", nbytes) + \
+                self.costs.collective_s(g, "reduce_scatter", nbytes)
         else:
-            one = coll.collective_time_s(self.cluster, g, "all_reduce", nbytes)
+            one = self.costs.collective_s(g, "all_reduce", nbytes)
         fwd = bwd = 2 * one
         if self.plan.tp_overlap:  # chunked against the GEMMs (Megatron --tp-comm-overlap)
             fwd, bwd = max(0.0, fwd - gemm_fwd_s), max(0.0, bwd - 2 * gemm_fwd_s)
@@ -201,7 +203,7 @@ class PlanCosts:
             return 0.0, 0.0
         step = 2 * self.shard.tokens * kv_width(self.model, self.plan.tp) * self.shard.act_bytes
         crosses = self.cp_group.nodes > 1
-        ring = (self.plan.cp - 1) * coll.p2p_time_s(self.cluster, crosses, step)
+        ring = (self.plan.cp - 1) * self.costs.p2p_s(crosses, step)
         return max(0.0, ring - attn_f), max(0.0, 2 * ring - attn_b)
 
     def _ep_comm(self) -> float:
@@ -212,7 +214,7 @@ class PlanCosts:
         assert moe is not None
         nbytes = (self.shard.tokens * moe.top_k * self.model.hidden_size * self.shard.act_bytes
                   * self.plan.etp / self.plan.tp)
-        return 2 * coll.collective_time_s(self.cluster, self.ep_group, "all_to_all", nbytes)
+        return 2 * self.costs.collective_s(self.ep_group, "all_to_all", nbytes)
 
     # ---- stages -----------------------------------------------------------------
     def _stage_kinds(self, stage: int) -> tuple[int, int]:
@@ -271,7 +273,7 @@ class PlanCosts:
     def p2p_s(self) -> float:
         """One pipeline send; steady-state sends hide behind compute, fill/drain's do not."""
         nbytes = self.shard.sp_tokens * self.model.hidden_size * self.shard.act_bytes
-        return coll.p2p_time_s(self.cluster, self.pp_crosses_node, nbytes)
+        return self.costs.p2p_s(self.pp_crosses_node, nbytes)
 
     # ---- parameters and memory ---------------------------------------------------------
     def layer_params(self, moe_layer: bool) -> tuple[float, float]:
@@ -375,15 +377,14 @@ class PlanCosts:
         p = self.plan
         dense, expert = self.rank_params(rank)
         nlayers = max(1, sum(self.stage_layers[rank::p.pp]))
-        c = self.cluster
         total = exposed = 0.0
         for params, group in ((dense, self.dp_group), (expert, self.edp_group)):
             grad_bytes = 2 * params
             if group.size <= 1 or params == 0:
                 continue
             if p.zero == 3 and p.pp == 1:  # FSDP: gather for forward and again for backward
-                ag = coll.collective_time_s(c, group, "all_gather", grad_bytes)
-                rs = coll.collective_time_s(c, group, "reduce_scatter", grad_bytes)
+                ag = self.costs.collective_s(group, "all_gather", grad_bytes)
+                rs = self.costs.collective_s(group, "reduce_scatter", grad_bytes)
                 total += self.m * (2 * ag + rs)
                 if p.dp_overlap:
                     per_mb = max(ag / nlayers, ag - phase_f) + max(
@@ -395,11 +396,11 @@ class PlanCosts:
             # ZeRO-3 under pipelining keeps parameters gathered for the step (torchtitan's
             # reshard_after_forward=False with PP): one gather, one reduce-scatter, as ZeRO-1.
             if p.zero == 0:
-                grads = coll.collective_time_s(c, group, "all_reduce", grad_bytes)
+                grads = self.costs.collective_s(group, "all_reduce", grad_bytes)
                 gather = 0.0
             else:
-                grads = coll.collective_time_s(c, group, "reduce_scatter", grad_bytes)
-                gather = coll.collective_time_s(c, group, "all_gather", grad_bytes)
+                grads = self.costs.collective_s(group, "reduce_scatter", grad_bytes)
+                gather = self.costs.collective_s(group, "all_gather", grad_bytes)
             total += grads + gather
             if p.dp_overlap:
                 exposed += max(grads / nlayers, grads - phase_b)
@@ -419,7 +420,7 @@ class PlanCosts:
             host_bw = node.host_mem_bw_bytes_per_s / node.gpus_per_node
             copies = 4 * local / node.pcie_bw_bytes_per_s  # 16-bit grads down, params up
             return 0.0, local * ADAM_BYTES_PER_PARAM / host_bw + copies
-        return memory_time_s(self.cluster.device, local * ADAM_BYTES_PER_PARAM, kernels=4), 0.0
+        return self.costs.memory_s(local * ADAM_BYTES_PER_PARAM, kernels=4), 0.0
 
 
 def prepare(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,

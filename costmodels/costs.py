@@ -1,0 +1,64 @@
+"""The device cost protocol: what a simulator asks of a cost model, and the nominal one.
+
+A `CostModel` prices the primitive operations of a training step on one cluster. Two
+implementations share the protocol: `NominalCosts` reasons from the catalog's spec-sheet
+numbers (`compute.py`, `collectives.py`), `CalibratedCosts` (`calibrated.py`)
+interpolates the tables that `meshplan profile` measured. Simulators take either.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from meshplan.core.cluster import ClusterSpec
+
+from . import collectives as coll
+from .compute import attention_time_s, gemm_time_s, memory_time_s
+
+
+class CostModel(Protocol):
+    name: str
+
+    def gemm_s(self, dtype: str, m: int, n: int, k: int, batch: int = 1) -> float:
+        """One (m x k) @ (k x n) GEMM, `batch` times, including its launch."""
+        ...
+
+    def attention_s(self, dtype: str, flops: float, kv_len: int) -> float:
+        """Fused attention of `flops` FLOPs over keys of length `kv_len`."""
+        ...
+
+    def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
+        """Bandwidth-bound work moving `traffic_bytes` in `kernels` launches."""
+        ...
+
+    def collective_s(self, group: coll.Group, op: coll.Collective, size_bytes: float) -> float:
+        """One collective over `group` on a buffer of `size_bytes` (gathered size)."""
+        ...
+
+    def p2p_s(self, crosses_node: bool, size_bytes: float) -> float:
+        """One point-to-point send."""
+        ...
+
+
+class NominalCosts:
+    """Spec-sheet reasoning: shape-aware rooflines and α–β collectives."""
+
+    name = "nominal"
+
+    def __init__(self, cluster: ClusterSpec):
+        self.cluster, self.device = cluster, cluster.device
+
+    def gemm_s(self, dtype: str, m: int, n: int, k: int, batch: int = 1) -> float:
+        return gemm_time_s(self.device, dtype, m, n, k, batch)
+
+    def attention_s(self, dtype: str, flops: float, kv_len: int) -> float:
+        return attention_time_s(self.device, dtype, flops, kv_len)
+
+    def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
+        return memory_time_s(self.device, traffic_bytes, kernels)
+
+    def collective_s(self, group: coll.Group, op: coll.Collective, size_bytes: float) -> float:
+        return coll.collective_time_s(self.cluster, group, op, size_bytes)
+
+    def p2p_s(self, crosses_node: bool, size_bytes: float) -> float:
+        return coll.p2p_time_s(self.cluster, crosses_node, size_bytes)

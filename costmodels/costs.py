@@ -23,8 +23,10 @@ class CostModel(Protocol):
         """One (m x k) @ (k x n) GEMM, `batch` times, including its launch."""
         ...
 
-    def attention_s(self, dtype: str, flops: float, kv_len: int) -> float:
-        """Fused attention of `flops` FLOPs over keys of length `kv_len`."""
+    def attention_s(self, dtype: str, flops: float, kv_len: int,
+                    backward: bool = False) -> float:
+        """Fused attention of `flops` FLOPs over keys of length `kv_len` (forward, or the
+        backward pass when `backward`)."""
         ...
 
     def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
@@ -51,7 +53,8 @@ class NominalCosts:
     def gemm_s(self, dtype: str, m: int, n: int, k: int, batch: int = 1) -> float:
         return gemm_time_s(self.device, dtype, m, n, k, batch)
 
-    def attention_s(self, dtype: str, flops: float, kv_len: int) -> float:
+    def attention_s(self, dtype: str, flops: float, kv_len: int,
+                    backward: bool = False) -> float:
         return attention_time_s(self.device, dtype, flops, kv_len)
 
     def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:

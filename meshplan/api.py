@@ -10,19 +10,21 @@ from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.results import SimResult
 from meshplan.core.workload import TrainWorkload
+from meshplan.costmodels.calibrated import HardwareProfile, costs_for
 from meshplan.planner.search import Objective, SearchResult, search_fewest_gpus
 from meshplan.planner.search import search as _search
 from meshplan.planner.space import SearchSpace
 from meshplan.planner.whatif import WhatIfRow
 from meshplan.planner.whatif import whatif as _whatif
-from meshplan.simulator.analytical import simulate_analytical
+from meshplan.simulator.analytical import CostCache, simulate_analytical
 
 ENGINES = ("analytical",)
 
 
 def simulate(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan | str,
-             engine: str = "analytical") -> SimResult:
-    """Predict one training step of `plan` (a Plan or its text form).
+             engine: str = "analytical", profile: HardwareProfile | None = None) -> SimResult:
+    """Predict one training step of `plan` (a Plan or its text form), with the calibrated
+    cost model when a hardware `profile` (from `meshplan profile`) is given.
 
     Raises SpecError for a plan that cannot run at all (degrees, divisibility); a plan that
     runs out of memory returns `fits=False` with the reason in `violations`.
@@ -31,7 +33,8 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: 
         plan = Plan.parse(plan)
     if engine not in ENGINES:
         raise SpecError("engine", f"{engine!r} is not available yet; engines: {list(ENGINES)}")
-    return simulate_analytical(model, cluster, work, plan)
+    return simulate_analytical(model, cluster, work, plan,
+                               CostCache(costs=costs_for(cluster, profile)))
 
 
 def _objective(objective: str | Objective, token_budget: float | None,
@@ -45,7 +48,8 @@ def _objective(objective: str | Objective, token_budget: float | None,
 def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, top: int = 5,
            objective: str | Objective = "throughput", space: SearchSpace | None = None,
            token_budget: float | None = None, target_days: float | None = None,
-           progress: Callable[[int], None] | None = None) -> SearchResult:
+           progress: Callable[[int], None] | None = None,
+           profile: HardwareProfile | None = None) -> SearchResult:
     """The `top` best plans, best first (`.ranked`, `.best`, `.stats`).
 
     objective: "throughput" (tokens/s), "cost" ($ per million tokens; needs the device's
@@ -55,8 +59,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, top: int
     """
     obj = _objective(objective, token_budget, target_days)
     if obj.kind == "gpus":
-        return search_fewest_gpus(model, cluster, work, obj, space, top, progress)
-    return _search(model, cluster, work, space, obj, top, progress=progress)
+        return search_fewest_gpus(model, cluster, work, obj, space, top, progress, profile)
+    return _search(model, cluster, work, space, obj, top, progress=progress, profile=profile)
 
 
 def whatif(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,

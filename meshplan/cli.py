@@ -20,6 +20,7 @@ from meshplan.loaders import (
     load_cluster,
     load_model,
     load_plan_file,
+    load_profile,
     model_names,
     save_plan_file,
 )
@@ -73,10 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--plan", help='e.g. "tp=8,pp=2,mbs=1,recompute=selective"')
     sim.add_argument("--plan-file", help="a plan file from search --out (needs nothing else)")
     sim.add_argument("--engine", default="analytical", choices=list(ENGINES))
+    sim.add_argument("--profile", help="hardware profile from `meshplan profile` (calibrated "
+                     "cost model)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     se = sub.add_parser("search", help="find the best plans")
     _search_args(se)
     se.add_argument("--top", type=int, default=5)
+    se.add_argument("--profile", help="hardware profile from `meshplan profile`")
     se.add_argument("--out", help="write the best plan as a plan file")
     se.add_argument("--json", action="store_true")
     wi = sub.add_parser("whatif", help="sweep knobs and search again")
@@ -86,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                     "workload.*; xK scales), repeatable")
     wi.add_argument("--plot", default="whatif.png", help="bar chart path ('' for none)")
     wi.add_argument("--json", action="store_true")
+    pr = sub.add_parser("profile", help="measure this machine into a hardware profile")
+    pr.add_argument("--out", default="hw.json")
+    pr.add_argument("--processes", default="2,4", help="process counts for collectives")
+    pr.add_argument("--dtypes", default="fp32,bf16")
+    pr.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     rn = sub.add_parser("run", help="execute a plan file with the torch runtime")
     rn.add_argument("plan_file")
     rn.add_argument("--steps", type=int, default=10)
@@ -135,7 +144,8 @@ def _simulate(args: argparse.Namespace) -> int:
         require(bool(args.plan), "plan", "give --plan or --plan-file")
         model, cluster, work = _load(args)
         plan = Plan.parse(args.plan)
-    result = simulate(model, cluster, work, plan, engine=args.engine)
+    result = simulate(model, cluster, work, plan, engine=args.engine,
+                      profile=load_profile(args.profile))
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -180,7 +190,8 @@ def _search(args: argparse.Namespace) -> int:
     try:
         found = search(model, cluster, work, top=args.top, objective=args.objective,
                        space=space, token_budget=args.token_budget,
-                       target_days=args.target_days, progress=update)
+                       target_days=args.target_days, progress=update,
+                       profile=load_profile(args.profile))
     finally:
         bar.close()
     wall = time.perf_counter() - start
@@ -242,6 +253,37 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    require(importlib.util.find_spec("torch") is not None, "profile",
+            "profiling needs torch: pip install -e '.[runtime]' (or torch==2.13.0)")
+    import torch
+
+    from meshplan.validate.profile import ProfileOptions, measure
+
+    procs = tuple(int(parse_value("dp", p)) for p in args.processes.split(",") if p)
+    require(all(p >= 2 for p in procs), "processes", f"need >= 2 processes, got {procs}")
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    bad = [d for d in dtypes if d not in ("fp32", "bf16", "fp16")]
+    require(not bad, "dtypes", f"{bad} not in fp32, bf16, fp16")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    require(device == "cpu" or torch.cuda.is_available(), "device", "no CUDA device here")
+    start = time.perf_counter()
+    prof = measure(ProfileOptions(device=device, processes=procs, dtypes=dtypes),
+                   say=lambda m: print(m, file=sys.stderr))
+    Path(args.out).write_text(json.dumps(prof, indent=1))
+    for key, value in prof["peaks"].items():
+        print(f"{key:32s} {value:.4g}")
+    for n, fits in prof["collectives"].items():
+        for op, (alpha, beta) in fits.items():
+            print(f"{op:14s} x{n}: alpha {alpha * 1e6:8.1f} us, bus bandwidth "
+                  f"{1 / beta / 1e9 if beta else float('inf'):.3g} GB/s")
+    print(f"shared compute slowdown: {prof['concurrency']}")
+    print(f"profile written to {args.out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     import importlib.util
     import tempfile
@@ -300,7 +342,7 @@ def _list(kind: str, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"simulate": _simulate, "search": _search, "whatif": _whatif,
-                "export": _export, "run": _run}
+                "export": _export, "run": _run, "profile": _profile}
     try:
         if args.command in ("models", "clusters"):
             return _list(args.command, args.json)

@@ -12,6 +12,7 @@ from meshplan.core.errors import SpecError
 from meshplan.core.loaders import cluster_from_toml, model_from_hf_config, model_from_toml
 from meshplan.core.model import ModelSpec
 from meshplan.core.planfile import PlanFile
+from meshplan.costmodels.calibrated import HardwareProfile, profile_from_dict
 
 _CATALOG = resources.files("meshplan.core") / "catalog"
 
@@ -72,3 +73,14 @@ def load_plan_file(path: str) -> PlanFile:
 
 def save_plan_file(path: str, pf: PlanFile) -> None:
     Path(path).write_text(json.dumps(planfile.to_dict(pf), indent=1) + "\n")
+
+
+def load_profile(path: str | None) -> HardwareProfile | None:
+    """A hardware profile written by `meshplan profile` (None passes through)."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SpecError("profile", f"cannot read {path}: {err}") from None
+    return profile_from_dict(data)

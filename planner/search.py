@@ -23,6 +23,7 @@ from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.results import SimResult
 from meshplan.core.workload import TrainWorkload
+from meshplan.costmodels.calibrated import HardwareProfile, costs_for
 from meshplan.simulator.analytical import CostCache, assemble, prepare
 
 from .space import SearchSpace, enumerate_plans
@@ -101,14 +102,16 @@ def _key(objective: Objective, cluster: ClusterSpec, r: SimResult) -> tuple[floa
 def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
            space: SearchSpace | None = None, objective: Objective | None = None,
            top: int = 5, refine: int = 8,
-           progress: Callable[[int], None] | None = None) -> SearchResult:
-    """The `top` best plans of `space` (analytical model), best first.
+           progress: Callable[[int], None] | None = None,
+           profile: HardwareProfile | None = None) -> SearchResult:
+    """The `top` best plans of `space` (analytical model), best first; timed with the
+    calibrated cost model when a hardware `profile` is given.
 
     Raises NoFeasiblePlan when no candidate fits in memory, naming the tightest one.
     """
     require(top >= 1, "top", f"must be >= 1, got {top}")
     objective = objective or Objective()
-    cache = CostCache()
+    cache = CostCache(costs=costs_for(cluster, profile))
     hbm = cluster.device.hbm_bytes
     keep = max(top, refine)
     heap: list[tuple[tuple[float, float], int, SimResult]] = []  # max-heap on key via negation
@@ -198,7 +201,8 @@ def days_to_train(r: SimResult, token_budget: float) -> float:
 
 def search_fewest_gpus(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
                        objective: Objective, space: SearchSpace | None = None, top: int = 5,
-                       progress: Callable[[int], None] | None = None) -> SearchResult:
+                       progress: Callable[[int], None] | None = None,
+                       profile: HardwareProfile | None = None) -> SearchResult:
     """Fewest GPUs (of `gpu_counts`, at most the cluster's) meeting the time-to-train
     target; raises with the fastest count's shortfall when even the whole cluster misses."""
     assert objective.token_budget and objective.target_days
@@ -206,7 +210,7 @@ def search_fewest_gpus(model: ModelSpec, cluster: ClusterSpec, work: TrainWorklo
     for n in gpu_counts(cluster):
         try:
             found = search(model, cluster.with_gpus(n), work, space, objective, top,
-                           progress=progress)
+                           progress=progress, profile=profile)
         except NoFeasiblePlan:
             continue
         last = found

@@ -70,7 +70,8 @@ def ops_time_s(costs: CostModel, dtype: str, ops: list[Op], eager: bool = False)
         if op.kind == "gemm":
             total += costs.gemm_s(dtype, op.m, op.n, op.k, op.batch)
         elif op.kind == "attn":
-            total += costs.attention_s(attn_dtype, op.flops, op.kv_len)
+            total += costs.attention_s(attn_dtype, op.flops, op.kv_len,
+                                       backward=op.name.endswith("_bwd"))
         else:
             total += costs.memory_s(op.bytes * (eager_factor(op) if eager else 1.0))
     return total

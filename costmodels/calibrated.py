@@ -1,0 +1,189 @@
+"""The calibrated cost model: the `CostModel` protocol answered from measured tables.
+
+`meshplan profile` measures this machine (GEMMs over a grid of shapes and dtypes, causal
+attention over sequence lengths, an elementwise kernel over sizes, collectives over
+sizes and process counts, host copies on GPUs) and fits the hardware profile read here:
+- GEMM time interpolates the measured FLOP rate linearly in (log m, log n, log k); shapes
+  beyond the grid take the nearest edge's rate (big GEMMs sit at the roof).
+- Attention interpolates the measured forward and backward FLOP rates in log key length.
+- Memory-bound work is `kernels · launch + bytes / bandwidth`, both fitted.
+- Collectives are α + β · bus bytes (NCCL's convention, `collectives.BUS_FACTOR`) with α
+  and β fitted per operation and group size; groups that span nodes, which one machine
+  cannot measure, fall back to the nominal model.
+- Compute shares the machine when more processes than it has units run at once (CPU
+  processes on shared cores): every compute time is scaled by the slowdown measured with
+  that many processes running the same GEMMs together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.interpolate import RegularGridInterpolator
+
+from meshplan.core.cluster import ClusterSpec
+from meshplan.core.errors import SpecError, require
+
+from . import collectives as coll
+from .costs import NominalCosts
+
+FORMAT, VERSION = "meshplan-profile", 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardwareProfile:
+    device: str
+    gemm: dict[str, list[list[float]]]  # dtype -> rows [m, n, k, seconds]
+    attention: dict[str, list[list[float]]]  # dtype -> rows [seq, head_dim, flops, fwd_s, bwd_s]
+    memory_bw_bytes_per_s: float
+    kernel_overhead_s: float
+    collectives: dict[str, dict[str, list[float]]]  # str(n) -> op -> [alpha_s, s_per_bus_byte]
+    concurrency: dict[str, float]  # str(processes) -> compute slowdown (1.0 alone)
+    host_copy_bytes_per_s: float | None = None
+    source: str = ""
+
+
+def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
+    found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    require(found == FORMAT, "profile", f"not a meshplan hardware profile (format {found!r})")
+    require(data.get("version") == VERSION, "profile.version",
+            f"this meshplan reads profile version {VERSION}, got {data.get('version')}")
+    fields = {k: v for k, v in data.items() if k not in ("format", "version", "peaks")}
+    try:
+        prof = HardwareProfile(**fields)
+    except TypeError as err:
+        raise SpecError("profile", str(err)) from None
+    require(prof.gemm, "profile.gemm", "no GEMM table")
+    for dtype, rows in prof.gemm.items():
+        require(all(len(r) == 4 and r[3] > 0 for r in rows), f"profile.gemm.{dtype}",
+                "rows must be [m, n, k, seconds > 0]")
+    require(prof.memory_bw_bytes_per_s > 0, "profile.memory_bw_bytes_per_s",
+            f"must be positive, got {prof.memory_bw_bytes_per_s}")
+    return prof
+
+
+def profile_to_dict(p: HardwareProfile) -> dict[str, Any]:
+    from dataclasses import asdict
+    return {"format": FORMAT, "version": VERSION, **asdict(p)}
+
+
+class _GemmTable:
+    """log FLOP rate on the (log2 m, log2 n, log2 k) grid of one dtype."""
+
+    def __init__(self, rows: list[list[float]]):
+        axes = [sorted({int(r[i]) for r in rows}) for i in range(3)]
+        grid = np.full([len(a) for a in axes], np.nan)
+        index = [{v: j for j, v in enumerate(a)} for a in axes]
+        for m, n, k, t in rows:
+            grid[index[0][int(m)], index[1][int(n)], index[2][int(k)]] = \
+                math.log(2.0 * m * n * k / t)
+        grid[np.isnan(grid)] = np.nanmax(grid)  # unmeasured shapes: the biggest, at the roof
+        self.lo = [math.log2(a[0]) for a in axes]
+        self.hi = [math.log2(a[-1]) for a in axes]
+        self.interp = RegularGridInterpolator([np.log2(a) for a in axes], grid)
+
+    def rate(self, m: int, n: int, k: int) -> float:
+        point = [min(max(math.log2(x), lo), hi)
+                 for x, lo, hi in zip((m, n, k), self.lo, self.hi, strict=True)]
+        return math.exp(float(self.interp(point)[0]))
+
+
+class _AttentionTable:
+    """log forward and backward FLOP rates against log2 key length (head dims averaged)."""
+
+    def __init__(self, rows: list[list[float]]):
+        seqs = sorted({int(r[0]) for r in rows})
+        self.x = np.log2(seqs)
+        fwd = {s: [] for s in seqs}
+        bwd = {s: [] for s in seqs}
+        for seq, _, flops, f_s, b_s in rows:
+            fwd[int(seq)].append(math.log(flops / f_s))
+            bwd[int(seq)].append(math.log(2.5 * flops / max(b_s, 1e-12)))
+        self.fwd = np.array([np.mean(fwd[s]) for s in seqs])
+        self.bwd = np.array([np.mean(bwd[s]) for s in seqs])
+
+    def rate(self, kv_len: int, backward: bool) -> float:
+        y = self.bwd if backward else self.fwd
+        return math.exp(float(np.interp(math.log2(max(kv_len, 1)), self.x, y)))
+
+
+class CalibratedCosts:
+    name = "calibrated"
+
+    def __init__(self, cluster: ClusterSpec, profile: HardwareProfile):
+        self.cluster, self.profile = cluster, profile
+        self.nominal = NominalCosts(cluster)
+        self.gemm_tables = {d: _GemmTable(rows) for d, rows in profile.gemm.items() if rows}
+        self.attn_tables = {d: _AttentionTable(rows) for d, rows in profile.attention.items()
+                            if rows}
+        procs = min(cluster.n_gpus, cluster.node.gpus_per_node)
+        self.slowdown = _nearest(profile.concurrency, procs, default=1.0)
+
+    def _table(self, tables: dict, dtype: str, what: str):
+        for d in (dtype, "bf16" if dtype == "fp8" else dtype):
+            if d in tables:
+                return tables[d]
+        raise SpecError("profile", f"no {what} measurements for {dtype} "
+                        f"(profiled: {sorted(tables)})")
+
+    def gemm_s(self, dtype: str, m: int, n: int, k: int, batch: int = 1) -> float:
+        if m <= 0 or n <= 0 or k <= 0:
+            return 0.0
+        rate = self._table(self.gemm_tables, dtype, "GEMM").rate(m, n, k)
+        return batch * 2.0 * m * n * k / rate * self.slowdown
+
+    def attention_s(self, dtype: str, flops: float, kv_len: int,
+                    backward: bool = False) -> float:
+        if flops <= 0:
+            return 0.0
+        table = self._table(self.attn_tables, dtype, "attention")
+        return flops / table.rate(kv_len, backward) * self.slowdown
+
+    def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
+        p = self.profile
+        return (kernels * p.kernel_overhead_s
+                + traffic_bytes / p.memory_bw_bytes_per_s) * self.slowdown
+
+    def collective_s(self, group: coll.Group, op: coll.Collective, size_bytes: float) -> float:
+        if group.size <= 1 or size_bytes <= 0:
+            return 0.0
+        fit = self._comm(op, group.size)
+        if group.nodes > 1 or fit is None:
+            return self.nominal.collective_s(group, op, size_bytes)
+        alpha, beta = fit
+        return alpha + beta * coll.BUS_FACTOR[op](group.size) * size_bytes
+
+    def p2p_s(self, crosses_node: bool, size_bytes: float) -> float:
+        fit = self._comm("p2p", 2)
+        if crosses_node or fit is None:
+            return self.nominal.p2p_s(crosses_node, size_bytes)
+        return fit[0] + fit[1] * size_bytes
+
+    def _comm(self, op: str, n: int) -> tuple[float, float] | None:
+        sizes = {int(k): v for k, v in self.profile.collectives.items() if op in v}
+        if not sizes:
+            return None
+        best = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(n)), -s))
+        alpha, beta = sizes[best][op]
+        return alpha, beta
+
+
+def _nearest(table: dict[str, float], n: int, default: float) -> float:
+    if not table:
+        return default
+    keys = sorted(int(k) for k in table)
+    below = [k for k in keys if k <= n] or keys[:1]
+    k = below[-1]
+    if k == n or k == keys[-1]:
+        return table[str(k)] * (n / k if n > k else 1.0)  # more processes than measured: share
+    above = min(x for x in keys if x > n)
+    w = (n - k) / (above - k)
+    return table[str(k)] * (1 - w) + table[str(above)] * w
+
+
+def costs_for(cluster: ClusterSpec, profile: HardwareProfile | None):
+    """The cost model for `cluster`: calibrated when a profile is given, else nominal."""
+    return NominalCosts(cluster) if profile is None else CalibratedCosts(cluster, profile)

@@ -1,0 +1,126 @@
+"""Collective and shared-machine benchmarks, one process per device under torchrun.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N \
+        -m meshplan.validate.commbench OUT.json --sizes 4096,65536 --device cpu
+
+Times all-reduce, all-gather, reduce-scatter and all-to-all over sizes (the slowest rank's
+mean over a fixed number of repeats, the same on every rank), p2p as half a ping-pong
+between ranks 0 and 1, and the GEMMs of `CONCURRENT_GEMMS` run by every rank at once, to
+measure how much compute slows when N processes share the machine. Rank 0 writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from .microbench import throughput_time_s
+
+CONCURRENT_GEMMS = ((256, 384, 128), (512, 512, 512), (1024, 128, 512), (128, 1024, 256))
+
+
+def _reps(nbytes: int) -> int:
+    return max(3, min(50, int(2e7 // max(nbytes, 100_000))))
+
+
+def _timed(fn, reps: int, device: torch.device) -> float:
+    """Slowest rank's mean seconds per call."""
+    fn()
+    _sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    t = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def collective_rows(sizes: list[int], device: torch.device) -> list[list]:
+    """[op, bytes, seconds]; bytes is the full (gathered) buffer, as in NCCL's tests."""
+    n = dist.get_world_size()
+    rows = []
+    for nbytes in sizes:
+        count = max(n, nbytes // 4 // n * n)
+        full = torch.randn(count, device=device)
+        part = torch.empty(count // n, device=device)
+        out = torch.empty_like(full)
+        ops = {
+            "all_reduce": lambda full=full: dist.all_reduce(full),
+            "all_gather": lambda part=part, out=out: dist.all_gather_into_tensor(out, part),
+            "reduce_scatter": lambda part=part, full=full: dist.reduce_scatter_tensor(part,
+                                                                                      full),
+            "all_to_all": lambda out=out, full=full: dist.all_to_all_single(out, full),
+        }
+        for op, fn in ops.items():
+            rows.append([op, 4 * count, _timed(fn, _reps(4 * count), device)])
+        rows.append(["p2p", 4 * count, _ping_pong(full, _reps(4 * count), device)])
+    return rows
+
+
+def _ping_pong(buf: torch.Tensor, reps: int, device: torch.device) -> float:
+    """One-way seconds of a send from rank 0 to rank 1 (half the round trip)."""
+    me = dist.get_rank()
+
+    def once() -> None:
+        if me == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        elif me == 1:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+
+    return _timed(once, reps, device) / 2
+
+
+def concurrent_gemm_rows(device: torch.device) -> list[list]:
+    """[m, n, k, seconds] of fp32 GEMMs timed while every rank runs them at once."""
+    rows = []
+    for m, n, k in CONCURRENT_GEMMS:
+        a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+        dist.barrier()
+        t = torch.tensor([throughput_time_s(lambda a=a, b=b: a @ b.t(), device)],
+                         dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        rows.append([m, n, k, t.item() / dist.get_world_size()])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="meshplan.validate.commbench")
+    p.add_argument("out")
+    p.add_argument("--sizes", required=True)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
+    try:
+        sizes = [int(s) for s in a.sizes.split(",")]
+        record = {"processes": dist.get_world_size(),
+                  "collectives": collective_rows(sizes, device),
+                  "gemm": concurrent_gemm_rows(device)}
+        if dist.get_rank() == 0:
+            with open(a.out, "w") as f:
+                json.dump(record, f)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""`meshplan profile`: measure this machine and fit its hardware profile.
+
+Compute is measured in this process with one thread (each runtime process on a CPU gets
+one core), collectives and shared-machine slowdowns under torchrun with 2..N processes
+(`commbench.py`). The fits are least squares with non-negative coefficients:
+`t = α + β · bus bytes` per collective and group size (NCCL's bus-bandwidth convention),
+`t = launch + bytes / bandwidth` for the elementwise kernel. GEMM and attention stay
+tables; `costmodels.calibrated` interpolates them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import nnls
+
+from meshplan.costmodels import collectives as coll
+from meshplan.costmodels.calibrated import HardwareProfile, profile_to_dict
+
+GEMM_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+ATTN_SEQS = (64, 128, 256, 512, 1024, 2048)
+ATTN_HEAD_DIMS = (32, 64, 128)
+MEMORY_SIZES = tuple(2**i for i in range(10, 27, 2))
+COMM_SIZES = tuple(4**i for i in range(5, 13))  # 1 KiB .. 16 MiB
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileOptions:
+    device: str = "cpu"  # or "cuda"
+    processes: tuple[int, ...] = (2, 4)
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    gemm_sizes: tuple[int, ...] = GEMM_SIZES
+    max_gemm_flops: float = 4e9
+    comm_sizes: tuple[int, ...] = COMM_SIZES
+
+
+def fit_line(x: list[float], t: list[float]) -> tuple[float, float]:
+    """(intercept, slope) >= 0 minimising the squared *relative* error of t = a + b·x."""
+    xs, ts = np.asarray(x, float), np.asarray(t, float)
+    design = np.stack([np.ones_like(xs), xs], axis=1) / ts[:, None]
+    coef, _ = nnls(design, np.ones_like(ts))
+    return float(coef[0]), float(coef[1])
+
+
+def fit_collectives(rows: list[list], n: int) -> dict[str, list[float]]:
+    out = {}
+    for op in sorted({r[0] for r in rows}):
+        pts = [(r[1], r[2]) for r in rows if r[0] == op]
+        factor = 1.0 if op == "p2p" else coll.BUS_FACTOR[op](n)
+        alpha, beta = fit_line([factor * b for b, _ in pts], [t for _, t in pts])
+        out[op] = [alpha, beta]
+    return out
+
+
+def concurrency_slowdown(together: list[list], alone: dict[tuple, float]) -> float:
+    """Geometric mean over shapes of (time with N processes at once) / (time alone)."""
+    ratios = [t / alone[(m, n, k)] for m, n, k, t in together if (m, n, k) in alone]
+    return float(math.exp(np.mean(np.log(ratios)))) if ratios else 1.0
+
+
+def measure(opts: ProfileOptions, say=print) -> dict:
+    """Run every benchmark; returns the profile as a JSON-ready dict."""
+    import torch
+
+    from . import microbench as mb
+    from .commbench import CONCURRENT_GEMMS
+
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if opts.device == "cuda" else "cpu")
+    gemm = {d: [] for d in opts.dtypes}
+    with _bar(len(opts.gemm_sizes) ** 3 * len(opts.dtypes), "GEMM") as tick:
+        for row in mb.gemm_rows(opts.gemm_sizes, opts.dtypes, device, opts.max_gemm_flops, tick):
+            gemm[row[0]].append(row[1:])
+    say("attention ...")
+    attention = {d: [] for d in opts.dtypes}
+    for row in mb.attention_rows(ATTN_SEQS, ATTN_HEAD_DIMS, opts.dtypes, device):
+        attention[row[0]].append(row[1:])
+    say("memory bandwidth ...")
+    mem = mb.memory_rows(MEMORY_SIZES, device)
+    launch, s_per_byte = fit_line([b for b, _ in mem], [t for _, t in mem])
+    host = None
+    if device.type == "cuda":
+        copies = mb.host_copy_rows([2**26], device)
+        host = copies[0][0] / max(copies[0][1], copies[0][2])
+    alone = {}
+    for m, n, k in CONCURRENT_GEMMS:
+        a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+        alone[(m, n, k)] = mb.throughput_time_s(lambda a=a, b=b: a @ b.t(), device)
+    collectives, concurrency = {}, {"1": 1.0}
+    for n in opts.processes:
+        say(f"collectives and shared compute with {n} processes ...")
+        rec = _commbench(n, opts)
+        collectives[str(n)] = fit_collectives(rec["collectives"], n)
+        concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
+    prof = HardwareProfile(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        gemm=gemm, attention=attention,
+        memory_bw_bytes_per_s=1.0 / s_per_byte if s_per_byte else float("inf"),
+        kernel_overhead_s=launch, collectives=collectives, concurrency=concurrency,
+        host_copy_bytes_per_s=host,
+        source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    return {**profile_to_dict(prof), "peaks": peaks(prof)}
+
+
+def peaks(p: HardwareProfile) -> dict[str, float]:
+    """Best measured rates: the numbers a spec sheet would quote."""
+    out = {f"gemm_{d}_flops_per_s": max(2 * m * n * k / t for m, n, k, t in rows)
+           for d, rows in p.gemm.items() if rows}
+    out |= {f"attention_{d}_flops_per_s": max(f / s for _, _, f, s, _ in rows)
+            for d, rows in p.attention.items() if rows}
+    out["memory_bw_bytes_per_s"] = p.memory_bw_bytes_per_s
+    return out
+
+
+def _commbench(n: int, opts: ProfileOptions) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/comm.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={n}", "-m", "meshplan.validate.commbench", out,
+               "--sizes", ",".join(str(s) for s in opts.comm_sizes), "--device", opts.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if proc.returncode:
+            raise RuntimeError(f"commbench with {n} processes failed:\n{proc.stderr[-2000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+class _bar:
+    """tqdm progress over a known number of steps (quiet when not a terminal)."""
+
+    def __init__(self, total: int, label: str):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=label, disable=None, leave=False)
+
+    def __enter__(self):
+        return lambda: self.bar.update(1)
+
+    def __exit__(self, *exc):
+        self.bar.close()

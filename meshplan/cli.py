@@ -39,6 +39,7 @@ from meshplan.report import (
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
+EXIT_OVER_BUDGET = 4
 
 
 def _inputs(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -95,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--processes", default="2,4", help="process counts for collectives")
     pr.add_argument("--dtypes", default="fp32,bf16")
     pr.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    va = sub.add_parser("validate", help="run a suite of plans, predict them, report the error")
+    va.add_argument("--profile", help="hardware profile (calibrated cost model)")
+    va.add_argument("--suite", choices=["full", "short"], default="full")
+    va.add_argument("--steps", type=int, default=6)
+    va.add_argument("--warmup-steps", type=int, default=2)
+    va.add_argument("--report", default="validate.md", help="markdown report path")
+    va.add_argument("--plot", default="validate.png", help="scatter plot path")
+    va.add_argument("--json", action="store_true")
+    va.add_argument("--budget", type=float, help="exit 4 when the mean step-time error "
+                    "exceeds this fraction")
+    va.add_argument("--published", nargs="?", const="", help="compare with published "
+                    "records instead (default: shared/validation/published.json)")
     rn = sub.add_parser("run", help="execute a plan file with the torch runtime")
     rn.add_argument("plan_file")
     rn.add_argument("--steps", type=int, default=10)
@@ -284,6 +297,39 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    if args.published is not None:
+        from meshplan.validate import published
+        return published.main(([args.published] if args.published else [])
+                              + (["--json"] if args.json else []))
+    require(args.steps > args.warmup_steps >= 0, "warmup_steps",
+            f"need 0 <= warmup ({args.warmup_steps}) < steps ({args.steps})")
+    from meshplan.validate import compare, report, suite
+
+    cases = suite.SHORT_SUITE if args.suite == "short" else suite.CPU_SUITE
+    profile = load_profile(args.profile)
+    results = suite.validate(cases, profile, steps=args.steps, warmup=args.warmup_steps)
+    rows = [row for _, row, _ in results]
+    summ = compare.summary(rows)
+    plans = [f"{c.plan}" for c, _, _ in results]
+    title = f"meshplan validate ({'calibrated' if profile else 'nominal'} cost model)"
+    Path(args.report).write_text(report.markdown(rows, plans, summ, title))
+    report.scatter(rows, args.plot)
+    if args.json:
+        print(json.dumps({"plans": [dataclasses.asdict(r) | {"plan": p, "step_error":
+                                    r.step_error, "memory_error": r.memory_error}
+                                    for r, p in zip(rows, plans, strict=True)], **summ},
+                         indent=1))
+    else:
+        print(report.markdown(rows, plans, summ, title))
+        print(f"report: {args.report}, plot: {args.plot}")
+    if args.budget is not None and summ["step_time_mape"] > args.budget:
+        print(f"meshplan: error: mean step-time error {summ['step_time_mape']:.1%} exceeds "
+              f"the budget {args.budget:.1%}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     import importlib.util
     import tempfile
@@ -342,7 +388,8 @@ def _list(kind: str, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"simulate": _simulate, "search": _search, "whatif": _whatif,
-                "export": _export, "run": _run, "profile": _profile}
+                "export": _export, "run": _run, "profile": _profile,
+                "validate": _validate}
     try:
         if args.command in ("models", "clusters"):
             return _list(args.command, args.json)

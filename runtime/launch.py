@@ -87,7 +87,12 @@ def plan_launch(pf: PlanFile, worker_args: list[str]) -> Launch:
                   worker_args=(*worker_args, "--device", device))
 
 
+def worker_env() -> dict[str, str]:
+    """The environment of the workers: one intra-op thread each (the runtime's processes
+    are the parallelism; more threads would oversubscribe the cores)."""
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
 def start(launch: Launch) -> int:
     """Run torchrun for a one-node launch; returns its exit status."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(launch.command(), env=env).returncode
+    return subprocess.run(launch.command(), env=worker_env()).returncode

@@ -1,0 +1,54 @@
+"""Predicted against measured: per-plan errors and the summary `meshplan validate` holds.
+
+Error is (predicted − measured) / measured, so positive means the simulator says slower
+(or more memory) than what ran. Rank agreement is Kendall's τ-b (Kendall 1945) between
+predicted and measured step times: 1 when the simulator orders the plans as the machine
+does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scipy.stats import kendalltau
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    name: str
+    predicted_step_s: float
+    measured_step_s: float
+    predicted_memory_bytes: float
+    measured_memory_bytes: float | None  # None where the device offers no measure
+
+    @property
+    def step_error(self) -> float:
+        return (self.predicted_step_s - self.measured_step_s) / self.measured_step_s
+
+    @property
+    def memory_error(self) -> float | None:
+        if not self.measured_memory_bytes:
+            return None
+        return (self.predicted_memory_bytes - self.measured_memory_bytes) / \
+            self.measured_memory_bytes
+
+
+def summary(rows: list[Row]) -> dict[str, float | str | None]:
+    """Mean and max absolute errors (fractions), Kendall τ, and how much slower the plan
+    predicted fastest measured than the measured fastest."""
+    steps = [abs(r.step_error) for r in rows]
+    mems = [abs(e) for r in rows if (e := r.memory_error) is not None]
+    tau = kendalltau([r.predicted_step_s for r in rows],
+                     [r.measured_step_s for r in rows]).statistic if len(rows) > 1 else None
+    picked = min(rows, key=lambda r: r.predicted_step_s)
+    best = min(rows, key=lambda r: r.measured_step_s)
+    return {
+        "step_time_mape": sum(steps) / len(steps),
+        "step_time_max_ape": max(steps),
+        "memory_mape": sum(mems) / len(mems) if mems else None,
+        "memory_max_ape": max(mems) if mems else None,
+        "kendall_tau": None if tau is None else float(tau),
+        "predicted_fastest": picked.name,
+        "measured_fastest": best.name,
+        "fastest_gap": picked.measured_step_s / best.measured_step_s - 1,
+    }

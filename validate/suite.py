@@ -1,0 +1,115 @@
+"""`meshplan validate`: run a suite of plans for real, predict them, report the error.
+
+Every case is a plan on `tiny-dense` or `tiny-moe` for the `cpu` cluster (2–4 gloo
+processes) or, on a machine with CUDA, single-GPU plans. Each runs through the same path
+as `meshplan run` (a plan file, torchrun, the runtime's measured JSON) and is predicted by
+the analytical engine with the calibrated cost model when a profile is given.
+
+Memory: the runtime measures what training adds on top of the process at start-up (CPU:
+peak resident set above the start-up one; CUDA: allocator peak), so the prediction it is
+compared with leaves out the device's `runtime_reserved_bytes` (CUDA context, torch and
+gloo start-up), which is in the simulator's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshplan.api import simulate
+from meshplan.core.cluster import ClusterSpec
+from meshplan.core.plan import Plan
+from meshplan.core.planfile import PlanFile
+from meshplan.core.workload import TrainWorkload
+from meshplan.costmodels.calibrated import HardwareProfile
+from meshplan.loaders import load_cluster, load_model, save_plan_file
+
+from .compare import Row
+
+BASE = "kernels=eager"  # the runtime runs eager torch ops
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    name: str
+    model: str
+    gpus: int
+    plan: str
+    seq_len: int = 256
+    global_batch: int = 16
+
+
+CPU_SUITE = (
+    Case(name="dp2", model="tiny-dense", gpus=2, plan="dp=2,mbs=4"),
+    Case(name="dp4", model="tiny-dense", gpus=4, plan="dp=4,mbs=2"),
+    Case(name="fsdp2", model="tiny-dense", gpus=2, plan="dp=2,mbs=4,zero=3"),
+    Case(name="zero2-offload", model="tiny-dense", gpus=2,
+         plan="dp=2,mbs=4,zero=2,offload=optimizer"),
+    Case(name="tp2-sp", model="tiny-dense", gpus=2, plan="tp=2,sp=on,mbs=4"),
+    Case(name="dp2-tp2-sp", model="tiny-dense", gpus=4, plan="dp=2,tp=2,sp=on,mbs=4"),
+    Case(name="pp2-1f1b", model="tiny-dense", gpus=2, plan="pp=2,mbs=2"),
+    Case(name="pp2-interleaved", model="tiny-dense", gpus=2, plan="pp=2,vpp=2,mbs=2"),
+    Case(name="pp2-gpipe", model="tiny-dense", gpus=2, plan="pp=2,mbs=2,schedule=gpipe"),
+    Case(name="dp2-pp2", model="tiny-dense", gpus=4, plan="dp=2,pp=2,mbs=2"),
+    Case(name="cp2", model="tiny-dense", gpus=2, plan="cp=2,mbs=4"),
+    Case(name="dp2-full-recompute", model="tiny-dense", gpus=2,
+         plan="dp=2,mbs=4,recompute=full"),
+    Case(name="dp2-selective", model="tiny-dense", gpus=2,
+         plan="dp=2,mbs=4,recompute=selective"),
+    Case(name="moe-dp2", model="tiny-moe", gpus=2, plan="dp=2,mbs=4"),
+    Case(name="moe-ep2", model="tiny-moe", gpus=2, plan="dp=2,ep=2,mbs=4"),
+    Case(name="moe-ep4", model="tiny-moe", gpus=4, plan="dp=4,ep=4,mbs=2"),
+)
+SHORT_SUITE = tuple(c for c in CPU_SUITE
+                    if c.name in ("dp2", "tp2-sp", "pp2-1f1b", "moe-ep2", "dp2-full-recompute"))
+
+
+def plan_file(case: Case, cluster: ClusterSpec, profile: HardwareProfile | None,
+              dtype: str) -> PlanFile:
+    model = load_model(case.model)
+    work = TrainWorkload(seq_len=case.seq_len, global_batch=case.global_batch, dtype=dtype)
+    plan = Plan.parse(f"{BASE},{case.plan}")
+    cluster = cluster.with_gpus(case.gpus)
+    predicted = simulate(model, cluster, work, plan, profile=profile)
+    return PlanFile(model=model, cluster=cluster, work=work, plan=plan,
+                    predicted=predicted.to_dict())
+
+
+def run_case(pf: PlanFile, steps: int, warmup: int) -> dict:
+    """Run a plan file through `meshplan run`'s launcher; returns the measured JSON."""
+    from meshplan.runtime import launch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, out = f"{tmp}/plan.json", f"{tmp}/measured.json"
+        save_plan_file(path, pf)
+        job = launch.plan_launch(pf, ["--plan-file", path, "--out", out, "--steps", str(steps),
+                                      "--warmup-steps", str(warmup)])
+        proc = subprocess.run(job.command(), capture_output=True, text=True,
+                              env=launch.worker_env())
+        if proc.returncode:
+            raise RuntimeError(f"the run failed:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(out).read_text())
+
+
+def validate(cases: tuple[Case, ...], profile: HardwareProfile | None, steps: int = 6,
+             warmup: int = 2, cluster: str = "cpu", dtype: str = "fp32",
+             say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+             ) -> list[tuple[Case, Row, dict]]:
+    base = load_cluster(cluster)
+    out = []
+    for i, case in enumerate(cases, 1):
+        pf = plan_file(case, base, profile, dtype)
+        say(f"[{i}/{len(cases)}] {case.name}: {pf.plan.to_text()}")
+        measured = run_case(pf, steps, warmup)
+        reserved = pf.cluster.device.runtime_reserved_bytes
+        row = Row(name=case.name, predicted_step_s=pf.predicted["step_time_s"],
+                  measured_step_s=measured["step_time_s"],
+                  predicted_memory_bytes=pf.predicted["peak_memory_bytes"] - reserved,
+                  measured_memory_bytes=measured.get("peak_memory_bytes"))
+        out.append((case, row, measured))
+    return out

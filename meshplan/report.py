@@ -99,7 +99,9 @@ def whatif_table(rows: list[WhatIfRow]) -> str:
 
 def measured_table(m: dict) -> str:
     """What `meshplan run` measured, beside the plan file's prediction when it has one."""
-    pred = m.get("predicted") or {}
+    pred = dict(m.get("predicted") or {})
+    if "peak_memory_bytes" in pred:  # what training adds, as measured: less the start-up
+        pred["peak_memory_bytes"] -= m.get("runtime_reserved_bytes", 0.0)
     rows = []
     for label, key, scale, unit in (("step time", "step_time_s", 1.0, "s"),
                                     ("tokens/s", "tokens_per_s", 1.0, ""),
@@ -117,5 +119,6 @@ def measured_table(m: dict) -> str:
     text = _table(["", "measured", "predicted", "error"], rows)
     text += (f"\n\n{m['steps']} steps from step {m['first_step']} ({m['warmup_steps']} warm-up "
              f"left out of timing); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    text += f"\nmemory: {m['memory_method']}"
+    text += f"\nmemory: {m['memory_method']}; the prediction leaves out the runtime's " \
+        "start-up memory"
     return text + "".join(f"\nnote: {n}" for n in m.get("notes", []))

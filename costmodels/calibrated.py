@@ -18,7 +18,7 @@ sizes and process counts, host copies on GPUs) and fits the hardware profile rea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from meshplan.core.errors import SpecError, require
 
 from . import collectives as coll
 from .costs import NominalCosts
+from .flops import eager_factor
 
 FORMAT, VERSION = "meshplan-profile", 1
 
@@ -43,6 +44,9 @@ class HardwareProfile:
     collectives: dict[str, dict[str, list[float]]]  # str(n) -> op -> [alpha_s, s_per_bus_byte]
     concurrency: dict[str, float]  # str(processes) -> compute slowdown (1.0 alone)
     host_copy_bytes_per_s: float | None = None
+    # dtype -> op name -> rows [nominal bytes, forward s, backward s] of the runtime's own
+    # implementation of that op (validate/opbench.py)
+    elementwise: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     source: str = ""
 
 
@@ -147,6 +151,18 @@ class CalibratedCosts:
         return (kernels * p.kernel_overhead_s
                 + traffic_bytes / p.memory_bw_bytes_per_s) * self.slowdown
 
+    def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
+        """The measured time of the runtime's implementation of the op when profiled (it
+        is what runs, whatever `eager` says), else bytes over the measured bandwidth."""
+        base = name.removesuffix("_bwd")
+        rows = self.profile.elementwise.get(dtype, {}).get(base)
+        if not rows:
+            traffic = nbytes * (eager_factor(name) if eager else 1.0)
+            return self.memory_s(traffic)
+        backward = name != base
+        x = nbytes / 2 if backward else nbytes  # `flops.backward` doubles the bytes
+        return _loglog(rows, x, 2 if backward else 1) * self.slowdown
+
     def collective_s(self, group: coll.Group, op: coll.Collective, size_bytes: float) -> float:
         if group.size <= 1 or size_bytes <= 0:
             return 0.0
@@ -169,6 +185,18 @@ class CalibratedCosts:
         best = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(n)), -s))
         alpha, beta = sizes[best][op]
         return alpha, beta
+
+
+def _loglog(rows: list[list[float]], x: float, col: int) -> float:
+    """Interpolate column `col` against column 0 in log-log; linear in x beyond the ends."""
+    pts = sorted((r[0], r[col]) for r in rows)
+    xs = np.log([p[0] for p in pts])
+    ys = np.log([max(p[1], 1e-9) for p in pts])
+    if x <= pts[0][0]:
+        return pts[0][1]  # launch-bound below the smallest measured size
+    if x >= pts[-1][0]:
+        return pts[-1][1] * x / pts[-1][0]
+    return float(np.exp(np.interp(math.log(x), xs, ys)))
 
 
 def _nearest(table: dict[str, float], n: int, default: float) -> float:

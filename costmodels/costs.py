@@ -14,6 +14,7 @@ from meshplan.core.cluster import ClusterSpec
 
 from . import collectives as coll
 from .compute import attention_time_s, gemm_time_s, memory_time_s
+from .flops import eager_factor
 
 
 class CostModel(Protocol):
@@ -31,6 +32,11 @@ class CostModel(Protocol):
 
     def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
         """Bandwidth-bound work moving `traffic_bytes` in `kernels` launches."""
+        ...
+
+    def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
+        """One named memory-bound op of a layer (`costmodels.flops` names and bytes: a norm,
+        RoPE, a residual add, ...; `_bwd` names their backward), fused or `eager`."""
         ...
 
     def collective_s(self, group: coll.Group, op: coll.Collective, size_bytes: float) -> float:
@@ -59,6 +65,9 @@ class NominalCosts:
 
     def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
         return memory_time_s(self.device, traffic_bytes, kernels)
+
+    def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
+        return memory_time_s(self.device, nbytes * (eager_factor(name) if eager else 1.0))
 
     def collective_s(self, group: coll.Group, op: coll.Collective, size_bytes: float) -> float:
         return coll.collective_time_s(self.cluster, group, op, size_bytes)

@@ -191,8 +191,8 @@ EAGER_TRAFFIC = {"attn_norm": 9.0, "mlp_norm": 9.0, "final_norm": 9.0, "rope": 7
                  "cross_entropy": 2.0}
 
 
-def eager_factor(op: Op) -> float:
-    return EAGER_TRAFFIC.get(op.name.removesuffix("_bwd"), 1.0)
+def eager_factor(name: str) -> float:
+    return EAGER_TRAFFIC.get(name.removesuffix("_bwd"), 1.0)
 
 
 def fp8_casts(ops: list[Op]) -> list[Op]:

@@ -23,19 +23,20 @@ from .support import refuse_unsupported_model
 ROPE_THETA = 500_000.0  # Llama 3 (Grattafiori et al. 2024, Table 3)
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE (Su et al. 2021, eq. 34) for integer `positions` [s]: [s, hd/2]."""
-    inv = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rope_tables(head_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE rotations (Su et al. 2021, eq. 34) for integer `positions` [s], as unit complex
+    numbers e^{i·pos·θ_j}: [s, hd/2]."""
+    inv = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                            device=positions.device) / head_dim)
     angles = positions.float()[:, None] * inv[None, :]
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, heads, hd] by the position's angle."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    return out.type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, heads, hd] by the position's angle: one
+    complex multiply (Meta's Llama reference implementation)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rot[None, :, None, :]).flatten(3).type_as(x)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -59,8 +60,8 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(hd, eps=1e-6) if spec.qk_norm else None
         self.core = causal_attention  # replaced by ring attention under context parallelism
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor
+                ) -> torch.Tensor:
         b, s, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(b, s, -1, self.head_dim)
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -164,8 +165,8 @@ class Block(nn.Module):
         else:
             self.feed_forward = MLP(spec.hidden_size, spec.ffn_hidden_size, spec.mlp, spec.bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor
+                ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, positions)
         return x + self.feed_forward(self.ffn_norm(x))
 

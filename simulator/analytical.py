@@ -29,7 +29,6 @@ from meshplan.costmodels.flops import (
     Op,
     Shard,
     backward,
-    eager_factor,
     embedding_ops,
     fp8_casts,
     head_ops,
@@ -39,6 +38,7 @@ from meshplan.costmodels.flops import (
     recompute_flops_per_token,
 )
 
+DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default, also meshplan's runtime
 ADAM_BYTES_PER_PARAM = 28  # read fp32 master, m, v, 16-bit grad; write master, m, v, 16-bit param
 
 
@@ -73,7 +73,7 @@ def ops_time_s(costs: CostModel, dtype: str, ops: list[Op], eager: bool = False)
             total += costs.attention_s(attn_dtype, op.flops, op.kv_len,
                                        backward=op.name.endswith("_bwd"))
         else:
-            total += costs.memory_s(op.bytes * (eager_factor(op) if eager else 1.0))
+            total += costs.mem_op_s(dtype, op.name, op.bytes, eager)
     return total
 
 
@@ -379,8 +379,9 @@ class PlanCosts:
         dense, expert = self.rank_params(rank)
         nlayers = max(1, sum(self.stage_layers[rank::p.pp]))
         total = exposed = 0.0
+        elem = 4 if self.work.dtype == "fp32" else 2  # gradient bytes as reduced
         for params, group in ((dense, self.dp_group), (expert, self.edp_group)):
-            grad_bytes = 2 * params
+            grad_bytes = elem * params
             if group.size <= 1 or params == 0:
                 continue
             if p.zero == 3 and p.pp == 1:  # FSDP: gather for forward and again for backward
@@ -404,7 +405,12 @@ class PlanCosts:
                 gather = self.costs.collective_s(group, "all_gather", grad_bytes)
             total += grads + gather
             if p.dp_overlap:
-                exposed += max(grads / nlayers, grads - phase_b)
+                # DDP launches a bucket's all-reduce when its last gradient is ready, so at
+                # least the last bucket is exposed (Li et al. 2020 §3.2.3, 25 MiB buckets).
+                last = self.costs.collective_s(group, "all_reduce",
+                                               min(grad_bytes, DDP_BUCKET_BYTES)) \
+                    if p.zero == 0 else grads / nlayers
+                exposed += max(grads / nlayers, grads - phase_b, last)
                 exposed += max(gather / nlayers, gather - phase_f) if gather else 0.0
             else:
                 exposed += grads + gather

@@ -82,6 +82,9 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     attention = {d: [] for d in opts.dtypes}
     for row in mb.attention_rows(ATTN_SEQS, ATTN_HEAD_DIMS, opts.dtypes, device):
         attention[row[0]].append(row[1:])
+    say("the runtime's memory-bound ops ...")
+    from .opbench import op_rows
+    elementwise = op_rows(opts.dtypes, device) if device.type == "cpu" else {}
     say("memory bandwidth ...")
     mem = mb.memory_rows(MEMORY_SIZES, device)
     launch, s_per_byte = fit_line([b for b, _ in mem], [t for _, t in mem])
@@ -104,7 +107,7 @@ def measure(opts: ProfileOptions, say=print) -> dict:
         gemm=gemm, attention=attention,
         memory_bw_bytes_per_s=1.0 / s_per_byte if s_per_byte else float("inf"),
         kernel_overhead_s=launch, collectives=collectives, concurrency=concurrency,
-        host_copy_bytes_per_s=host,
+        host_copy_bytes_per_s=host, elementwise=elementwise,
         source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs")
     return {**profile_to_dict(prof), "peaks": peaks(prof)}
 

@@ -35,7 +35,7 @@ def main() -> None:
     for text in plans:
         plan = Plan.from_json(text) if text.startswith("{") else Plan.parse(text)
         pf = PlanFile(model=spec, cluster=cluster, work=work, plan=plan)
-        opts = RunOptions(steps=int(steps), warmup_steps=0, lr=float(lr))
+        opts = RunOptions(steps=int(steps), warmup_steps=0, lr=float(lr), measure_memory=False)
         record = run(pf, opts)
         if dist.get_rank() == 0:
             results[text] = record["losses"]

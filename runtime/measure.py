@@ -5,8 +5,9 @@ allocator statistic, and the resident set keeps what glibc and lazily loaded lib
 hold, so one extra training step runs under torch.profiler with `profile_memory=True` and
 the peak of live tensor bytes on its memory timeline is the measure (weights, gradients,
 optimizer state, activations and temporaries; not the gloo buffers). If the profiler's
-timeline is unavailable, the peak resident set above the start-up one stands in, and the
-method says so.
+timeline is unavailable, or claims more than the resident set ever grew (it then missed
+frees, as seen with DTensor's functional collectives), the peak resident set above the
+start-up one stands in, and the method says so.
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ class MemoryMeter:
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base  # KiB
         if self.timeline_peak is not None:
-            return self.timeline_peak
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return max(peak - self.base, 0)
+            if self.timeline_peak <= rss:
+                return self.timeline_peak
+            self.method = (f"{_RSS} (the profiler's timeline said "
+                           f"{self.timeline_peak / 2**20:.0f} MiB, more than the resident set "
+                           "grew, and was discarded)")
+        return max(rss, 0)

@@ -1,0 +1,107 @@
+"""The calibrated cost model, the profile fits and the validation summary (no torch)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from meshplan.api import simulate
+from meshplan.core.errors import SpecError
+from meshplan.core.plan import Plan
+from meshplan.core.workload import TrainWorkload
+from meshplan.costmodels import collectives as coll
+from meshplan.costmodels.calibrated import (
+    CalibratedCosts,
+    HardwareProfile,
+    profile_from_dict,
+    profile_to_dict,
+)
+from meshplan.loaders import load_cluster, load_model
+from meshplan.validate.compare import Row, summary
+from meshplan.validate.profile import fit_collectives, fit_line
+
+SIZES = (16, 64, 256, 1024)
+
+
+def synthetic(rate: float = 1e11, bw: float = 1e10, alpha: float = 1e-4,
+              beta: float = 1e-9) -> HardwareProfile:
+    """A machine with one GEMM rate, one attention rate, one bandwidth, exact α–β links."""
+    gemm = [[m, n, k, 2 * m * n * k / rate] for m in SIZES for n in SIZES for k in SIZES]
+    attn = [[s, 64, f, f / rate, 2.5 * f / rate] for s in (128, 1024) for f in (1e6 * s,)]
+    elem = {"mlp_norm": [[b, b / bw, 2 * b / bw] for b in (1e4, 1e6, 1e8)]}
+    return HardwareProfile(
+        device="test", gemm={"fp32": gemm}, attention={"fp32": attn},
+        memory_bw_bytes_per_s=bw, kernel_overhead_s=0.0,
+        collectives={"2": {op: [alpha, beta] for op in coll.BUS_FACTOR}},
+        concurrency={"1": 1.0, "2": 1.0}, elementwise={"fp32": elem})
+
+
+def test_gemm_and_memory_tables_interpolate_and_extrapolate():
+    costs = CalibratedCosts(load_cluster("cpu", gpus=2), synthetic())
+    for m, n, k in [(64, 64, 64), (100, 300, 50), (16, 4096, 8)]:  # grid, between, beyond
+        assert costs.gemm_s("fp32", m, n, k) == pytest.approx(2 * m * n * k / 1e11, rel=1e-9)
+    assert costs.mem_op_s("fp32", "mlp_norm", 3e5, eager=True) == pytest.approx(3e5 / 1e10)
+    assert costs.mem_op_s("fp32", "mlp_norm_bwd", 6e5, eager=True) == \
+        pytest.approx(2 * 3e5 / 1e10)
+    assert costs.mem_op_s("fp32", "mlp_norm", 1e9, eager=True) == pytest.approx(1e9 / 1e10)
+    assert costs.attention_s("fp32", 5e8, 512, backward=True) == pytest.approx(5e8 / 1e11)
+
+
+def test_collectives_use_the_fit_for_the_group_size():
+    costs = CalibratedCosts(load_cluster("cpu", gpus=2), synthetic(alpha=1e-4, beta=1e-9))
+    g = coll.Group(size=2, per_node=2)
+    assert costs.collective_s(g, "all_reduce", 1e6) == pytest.approx(1e-4 + 1e-9 * 1e6)
+    assert costs.p2p_s(False, 1e6) == pytest.approx(1e-4 + 1e-9 * 1e6)
+
+
+def test_a_machine_twice_as_slow_doubles_the_predicted_compute():
+    model, work = load_model("tiny-dense"), TrainWorkload(seq_len=256, global_batch=8,
+                                                          dtype="fp32")
+    cluster, plan = load_cluster("cpu", gpus=1), Plan.parse("mbs=4")
+    fast = simulate(model, cluster, work, plan, profile=synthetic(rate=1e11, bw=1e10))
+    slow = simulate(model, cluster, work, plan, profile=synthetic(rate=5e10, bw=5e9))
+    assert slow.time.compute == pytest.approx(2 * fast.time.compute, rel=1e-9)
+    nominal = simulate(model, cluster, work, plan)
+    assert nominal.time.compute != pytest.approx(fast.time.compute)
+
+
+def test_fits_recover_alpha_beta():
+    alpha, beta = 2e-4, 3e-9
+    sizes = [4**i for i in range(5, 12)]
+    rows = [[op, b, alpha + beta * (1 if op == "p2p" else coll.BUS_FACTOR[op](4)) * b]
+            for op in ("all_reduce", "all_gather", "p2p") for b in sizes]
+    for a, b in fit_collectives(rows, 4).values():
+        assert a == pytest.approx(alpha, rel=1e-6) and b == pytest.approx(beta, rel=1e-6)
+    assert fit_line([1, 2, 3], [5, 7, 9]) == pytest.approx((3, 2))
+
+
+def test_profile_round_trip_and_bad_files():
+    prof = synthetic()
+    assert profile_from_dict(profile_to_dict(prof)) == prof
+    with pytest.raises(SpecError, match="not a meshplan hardware profile"):
+        profile_from_dict({"format": "other"})
+    bad = profile_to_dict(prof)
+    bad["gemm"] = {"fp32": [[16, 16, 16, 0.0]]}
+    with pytest.raises(SpecError, match=r"profile\.gemm\.fp32"):
+        profile_from_dict(bad)
+    with pytest.raises(SpecError, match="no GEMM measurements for bf16"):
+        CalibratedCosts(load_cluster("cpu", gpus=2), prof).gemm_s("bf16", 16, 16, 16)
+
+
+def test_summary_errors_tau_and_fastest_gap():
+    rows = [Row(name=n, predicted_step_s=p, measured_step_s=m, predicted_memory_bytes=100,
+                measured_memory_bytes=mm)
+            for n, p, m, mm in [("a", 1.0, 1.0, 100), ("b", 1.8, 2.0, 125), ("c", 3.3, 3.0, None)]]
+    s = summary(rows)
+    assert s["step_time_mape"] == pytest.approx((0 + 0.1 + 0.1) / 3)
+    assert s["step_time_max_ape"] == pytest.approx(0.1)
+    assert s["memory_mape"] == pytest.approx((0 + 0.2) / 2)
+    assert s["kendall_tau"] == pytest.approx(1.0)
+    assert s["fastest_gap"] == 0.0
+    swapped = [Row(name=r.name, predicted_step_s=1 / r.predicted_step_s,
+                   measured_step_s=r.measured_step_s, predicted_memory_bytes=1,
+                   measured_memory_bytes=None) for r in rows]
+    s = summary(swapped)
+    assert s["kendall_tau"] == pytest.approx(-1.0)
+    assert s["predicted_fastest"] == "c" and math.isclose(s["fastest_gap"], 2.0)

@@ -168,6 +168,24 @@ class ModelSpec:
         )
         return self.attention_params() + mlp + 2 * self.norm_params()
 
+    def layer_tensors(self, layer: int) -> int:
+        """Parameter tensors of a layer (as built by meshplan's runtime: experts stacked
+        into three tensors), which per-tensor optimizer costs scale with."""
+        biased = 2 if self.bias else 1
+        attn = 4 * biased if not self.qkv_bias or self.bias else 4 + 3
+        attn += 2 if self.qk_norm else 0
+        if self.is_moe_layer(layer):
+            assert self.moe is not None
+            mlp = 1 + 3 + (3 if self.moe.n_shared_experts else 0)
+        else:
+            mlp = (3 if self.mlp == "swiglu" else 2) * biased
+        return attn + mlp + 2
+
+    def end_tensors(self, first: bool, last: bool) -> int:
+        """Embedding (first stage); final norm and untied output (last stage)."""
+        return (first * (2 if self.position == "learned" else 1)
+                + last * (1 + (not self.tied_embeddings)))
+
     def embedding_params(self) -> int:
         pos = self.max_position * self.hidden_size if self.position == "learned" else 0
         return self.vocab_size * self.hidden_size + pos

@@ -28,7 +28,7 @@ from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError, require
 
 from . import collectives as coll
-from .costs import NominalCosts
+from .costs import OPTIMIZER_BYTES_PER_PARAM, NominalCosts
 from .flops import eager_factor
 
 FORMAT, VERSION = "meshplan-profile", 1
@@ -47,6 +47,10 @@ class HardwareProfile:
     # dtype -> op name -> rows [nominal bytes, forward s, backward s] of the runtime's own
     # implementation of that op (validate/opbench.py)
     elementwise: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    # optimizer -> [seconds per tensor, seconds per parameter] of the runtime's torch.optim
+    optimizer: dict[str, list[float]] = field(default_factory=dict)
+    # "layer" | "stage" -> [forward s, backward s] the runtime spends beyond its ops
+    overheads: dict[str, list[float]] = field(default_factory=dict)
     source: str = ""
 
 
@@ -150,6 +154,17 @@ class CalibratedCosts:
         p = self.profile
         return (kernels * p.kernel_overhead_s
                 + traffic_bytes / p.memory_bw_bytes_per_s) * self.slowdown
+
+    def overhead_s(self, unit: str, backward: bool) -> float:
+        pair = self.profile.overheads.get(unit)
+        return pair[int(backward)] * self.slowdown if pair else 0.0
+
+    def optimizer_s(self, optimizer: str, params: float, tensors: int) -> float:
+        fit = self.profile.optimizer.get(optimizer)
+        if fit is None:
+            return self.memory_s(params * OPTIMIZER_BYTES_PER_PARAM[optimizer], kernels=4)
+        per_tensor, per_param = fit
+        return (tensors * per_tensor + params * per_param) * self.slowdown
 
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         """The measured time of the runtime's implementation of the op when profiled (it

@@ -16,6 +16,11 @@ from . import collectives as coll
 from .compute import attention_time_s, gemm_time_s, memory_time_s
 from .flops import eager_factor
 
+# Bytes one step moves per parameter. Adam: read fp32 master, m, v and the 16-bit
+# gradient, write master, m, v and the 16-bit parameter; SGD with momentum: read master,
+# momentum, gradient, write master, momentum, parameter.
+OPTIMIZER_BYTES_PER_PARAM = {"adam": 28, "sgd": 20}
+
 
 class CostModel(Protocol):
     name: str
@@ -32,6 +37,15 @@ class CostModel(Protocol):
 
     def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
         """Bandwidth-bound work moving `traffic_bytes` in `kernels` launches."""
+        ...
+
+    def overhead_s(self, unit: str, backward: bool) -> float:
+        """Host time an eager runtime spends per `unit` ("layer" or "stage", the latter per
+        model chunk call) and micro-batch beyond its ops: Python, module calls, autograd."""
+        ...
+
+    def optimizer_s(self, optimizer: str, params: float, tensors: int) -> float:
+        """One optimizer step over `params` parameters held in `tensors` tensors."""
         ...
 
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
@@ -65,6 +79,14 @@ class NominalCosts:
 
     def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
         return memory_time_s(self.device, traffic_bytes, kernels)
+
+    def overhead_s(self, unit: str, backward: bool) -> float:
+        return 0.0  # the nominal model assumes kernels are queued ahead (CUDA streams)
+
+    def optimizer_s(self, optimizer: str, params: float, tensors: int) -> float:
+        """A fused (multi-tensor) step: memory-bound, four kernels."""
+        return memory_time_s(self.device, params * OPTIMIZER_BYTES_PER_PARAM[optimizer],
+                             kernels=4)
 
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         return memory_time_s(self.device, nbytes * (eager_factor(name) if eager else 1.0))

@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     va = sub.add_parser("validate", help="run a suite of plans, predict them, report the error")
     va.add_argument("--profile", help="hardware profile (calibrated cost model)")
     va.add_argument("--suite", choices=["full", "short"], default="full")
-    va.add_argument("--steps", type=int, default=6)
+    va.add_argument("--steps", type=int, default=8)
     va.add_argument("--warmup-steps", type=int, default=2)
     va.add_argument("--report", default="validate.md", help="markdown report path")
     va.add_argument("--plot", default="validate.png", help="scatter plot path")

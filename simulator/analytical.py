@@ -24,7 +24,7 @@ from meshplan.core.results import MemoryBreakdown, SimResult, TimeBreakdown
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
 from meshplan.costmodels import memory as mem
-from meshplan.costmodels.costs import CostModel, NominalCosts
+from meshplan.costmodels.costs import OPTIMIZER_BYTES_PER_PARAM, CostModel, NominalCosts
 from meshplan.costmodels.flops import (
     Op,
     Shard,
@@ -39,7 +39,6 @@ from meshplan.costmodels.flops import (
 )
 
 DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default, also meshplan's runtime
-ADAM_BYTES_PER_PARAM = 28  # read fp32 master, m, v, 16-bit grad; write master, m, v, 16-bit param
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -175,6 +174,8 @@ class PlanCosts:
         cp_f, cp_b = self._cp_comm(attn_f, attn_b)
         ep = self._ep_comm() if moe_layer else 0.0
         comm_f, comm_b = tp_f + cp_f + ep, tp_b + cp_b + ep
+        fwd += self.costs.overhead_s("layer", backward=False)
+        bwd += self.costs.overhead_s("layer", backward=True)
         recompute = {"full": fwd + comm_f, "selective": attn_f, "none": 0.0,
                      "op": gemm_f / 2 + self._time([o for o in ops if o.kind == "mem"])}[
             self.plan.recompute]
@@ -238,6 +239,8 @@ class PlanCosts:
         if first or last:
             ef, eb = self.ends_phase(first, last)
             fwd, bwd = fwd + ef, bwd + eb
+        fwd = fwd + Phase(compute=self.costs.overhead_s("stage", backward=False))
+        bwd = bwd + Phase(compute=self.costs.overhead_s("stage", backward=True))
         return fwd, bwd
 
     def ends_phase(self, first: bool, last: bool) -> tuple[Phase, Phase]:
@@ -426,8 +429,20 @@ class PlanCosts:
             node = self.cluster.node
             host_bw = node.host_mem_bw_bytes_per_s / node.gpus_per_node
             copies = 4 * local / node.pcie_bw_bytes_per_s  # 16-bit grads down, params up
-            return 0.0, local * ADAM_BYTES_PER_PARAM / host_bw + copies
-        return self.costs.memory_s(local * ADAM_BYTES_PER_PARAM, kernels=4), 0.0
+            step = local * OPTIMIZER_BYTES_PER_PARAM[self.work.optimizer] / host_bw
+            return 0.0, step + copies
+        return self.costs.optimizer_s(self.work.optimizer, local, self.rank_tensors(rank)), 0.0
+
+    def rank_tensors(self, rank: int) -> int:
+        """Parameter tensors a rank steps (FSDP shards every tensor, so ZeRO keeps them)."""
+        model, n = self.model, len(self.stage_layers)
+        total = 0
+        for stage in range(rank, n, self.plan.pp):
+            start = sum(self.stage_layers[:stage])
+            total += sum(model.layer_tensors(i)
+                         for i in range(start, start + self.stage_layers[stage]))
+            total += model.end_tensors(stage == 0, stage == n - 1)
+        return total
 
 
 def prepare(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,

@@ -23,6 +23,9 @@ def test_model_parameter_count_matches_spec(name):
     spec = load_model(name)
     model = Transformer(spec)
     assert sum(p.numel() for p in model.parameters()) == spec.params()
+    tensors = sum(spec.layer_tensors(i) for i in range(spec.n_layers)) + \
+        spec.end_tensors(True, True)
+    assert len(list(model.parameters())) == tensors
 
 
 def test_moe_dispatch_equals_per_token_loop():

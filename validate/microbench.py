@@ -123,3 +123,18 @@ def host_copy_rows(sizes_bytes: Iterable[int], device: torch.device) -> list[lis
         d2h = time_s(lambda d=dev, h=host: h.copy_(d, non_blocking=True), device)
         rows.append([nbytes, h2d, d2h])
     return rows
+
+
+def optimizer_rows(name: str, device: torch.device) -> list[list]:
+    """[tensors, parameters, seconds] of one torch.optim step (as the runtime makes it)."""
+    rows = []
+    for tensors in (4, 32):
+        for size in (1_000, 100_000, 1_000_000):
+            params = [torch.nn.Parameter(torch.randn(size, device=device))
+                      for _ in range(tensors)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = (torch.optim.SGD(params, lr=1e-3, momentum=0.9) if name == "sgd"
+                   else torch.optim.Adam(params, lr=1e-3))
+            rows.append([tensors, tensors * size, time_s(opt.step, device)])
+    return rows

@@ -87,3 +87,48 @@ def op_rows(dtypes: tuple[str, ...], device: torch.device) -> dict[str, dict[str
                             table.setdefault(name, []).append([ops[name].bytes, f, b])
         out[dtype] = table
     return out
+
+
+def overheads(costs, dtype: str, device: torch.device) -> dict[str, list[float]]:
+    """[forward s, backward s] the runtime spends per layer and per model-chunk call beyond
+    what `costs` prices its ops at, measured on a model so small that its ops cost next to
+    nothing: (3-layer − 1-layer) / 2 less one layer's priced ops gives the per-layer part;
+    the 1-layer model less one layer and its embedding/head ops gives the per-call part."""
+    from meshplan.costmodels.flops import backward
+    from meshplan.runtime.model import Transformer, init_weights
+    from meshplan.simulator.analytical import ops_time_s
+
+    t = 16
+    act_bytes = 4 if dtype == "fp32" else 2
+    measured = {}
+    for layers in (1, 3):
+        spec = _tiny_spec(layers)
+        model = Transformer(spec).to(device)
+        init_weights(model, 0)
+        tokens = torch.randint(0, spec.vocab_size, (1, t), device=device)
+        pos = torch.arange(t, device=device)
+
+        def fwd(model=model, tokens=tokens, pos=pos):
+            return loss_fn(model(tokens, pos), tokens)
+
+        f = time_s(fwd, device, min_s=0.2)
+        fb = time_s(lambda fwd=fwd: fwd().backward(), device, min_s=0.2)
+        measured[layers] = (f, max(fb - f, 0.0))
+    spec = _tiny_spec(1)
+    s = Shard(mbs=1, seq=t, tp=1, cp=1, sp=False, ep=1, etp=1, attn="flash",
+              act_bytes=act_bytes)
+    layer, ends = layer_ops(spec, s, False), embedding_ops(spec, s) + head_ops(spec, s)
+    priced_layer = [ops_time_s(costs, dtype, layer, True),
+                    ops_time_s(costs, dtype, backward(layer), True)]
+    priced_ends = [ops_time_s(costs, dtype, ends, True),
+                   ops_time_s(costs, dtype, backward(ends), True)]
+    per_layer = [max((measured[3][i] - measured[1][i]) / 2 - priced_layer[i], 0.0)
+                 for i in (0, 1)]
+    per_call = [max(measured[1][i] - per_layer[i] - priced_layer[i] - priced_ends[i], 0.0)
+                for i in (0, 1)]
+    return {"layer": per_layer, "stage": per_call}
+
+
+def _tiny_spec(layers: int) -> ModelSpec:
+    return ModelSpec(name="overhead", n_layers=layers, hidden_size=64, n_heads=4,
+                     n_kv_heads=2, head_dim=16, ffn_hidden_size=128, vocab_size=64)

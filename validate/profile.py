@@ -49,6 +49,14 @@ def fit_line(x: list[float], t: list[float]) -> tuple[float, float]:
     return float(coef[0]), float(coef[1])
 
 
+def fit_plane(x: list[float], y: list[float], t: list[float]) -> tuple[float, float]:
+    """(a, b) >= 0 minimising the squared relative error of t = a·x + b·y."""
+    ts = np.asarray(t, float)
+    design = np.stack([np.asarray(x, float), np.asarray(y, float)], axis=1) / ts[:, None]
+    coef, _ = nnls(design, np.ones_like(ts))
+    return float(coef[0]), float(coef[1])
+
+
 def fit_collectives(rows: list[list], n: int) -> dict[str, list[float]]:
     out = {}
     for op in sorted({r[0] for r in rows}):
@@ -85,6 +93,12 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     say("the runtime's memory-bound ops ...")
     from .opbench import op_rows
     elementwise = op_rows(opts.dtypes, device) if device.type == "cpu" else {}
+    say("optimizer steps ...")
+    optimizer = {}
+    for name in ("adam", "sgd"):
+        rows = mb.optimizer_rows(name, device)
+        optimizer[name] = list(fit_plane([r[0] for r in rows], [r[1] for r in rows],
+                                         [r[2] for r in rows]))
     say("memory bandwidth ...")
     mem = mb.memory_rows(MEMORY_SIZES, device)
     launch, s_per_byte = fit_line([b for b, _ in mem], [t for _, t in mem])
@@ -96,6 +110,17 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     for m, n, k in CONCURRENT_GEMMS:
         a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
         alone[(m, n, k)] = mb.throughput_time_s(lambda a=a, b=b: a @ b.t(), device)
+    say("per-layer host overhead ...")
+    from meshplan.costmodels.calibrated import CalibratedCosts
+    from meshplan.loaders import load_cluster
+
+    from .opbench import overheads
+    draft = HardwareProfile(device="draft", gemm=gemm, attention=attention,
+                            memory_bw_bytes_per_s=1.0 / s_per_byte if s_per_byte else 1e30,
+                            kernel_overhead_s=launch, collectives={}, concurrency={"1": 1.0},
+                            elementwise=elementwise)
+    over = overheads(CalibratedCosts(load_cluster("cpu", gpus=1), draft), opts.dtypes[0],
+                     device)
     collectives, concurrency = {}, {"1": 1.0}
     for n in opts.processes:
         say(f"collectives and shared compute with {n} processes ...")
@@ -107,7 +132,8 @@ def measure(opts: ProfileOptions, say=print) -> dict:
         gemm=gemm, attention=attention,
         memory_bw_bytes_per_s=1.0 / s_per_byte if s_per_byte else float("inf"),
         kernel_overhead_s=launch, collectives=collectives, concurrency=concurrency,
-        host_copy_bytes_per_s=host, elementwise=elementwise,
+        host_copy_bytes_per_s=host, elementwise=elementwise, optimizer=optimizer,
+        overheads=over,
         source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs")
     return {**profile_to_dict(prof), "peaks": peaks(prof)}
 

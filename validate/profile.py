@@ -11,7 +11,6 @@ tables; `costmodels.calibrated` interpolates them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -68,9 +67,10 @@ def fit_collectives(rows: list[list], n: int) -> dict[str, list[float]]:
 
 
 def concurrency_slowdown(together: list[list], alone: dict[tuple, float]) -> float:
-    """Geometric mean over shapes of (time with N processes at once) / (time alone)."""
+    """Median over shapes of (time with N processes at once) / (time alone); the median
+    resists a shape caught by interference from outside."""
     ratios = [t / alone[(m, n, k)] for m, n, k, t in together if (m, n, k) in alone]
-    return float(math.exp(np.mean(np.log(ratios)))) if ratios else 1.0
+    return float(np.median(ratios)) if ratios else 1.0
 
 
 def measure(opts: ProfileOptions, say=print) -> dict:

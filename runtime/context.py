@@ -39,10 +39,15 @@ def _shift(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
     return out
 
 
-def _block(q, k, v, q_pos, k_pos, scale):
-    """Scores, masked; q [b,H,sq,d], k/v [b,H,sk,d] -> (out [b,H,sq,d], lse [b,H,sq])."""
+def _scores(q, k, q_pos, k_pos, scale):
+    """Causally masked scores of q [b,H,sq,d] against k [b,H,sk,d] at these positions."""
     s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(q_pos[:, None] < k_pos[None, :], NEG)
+    return s.masked_fill(q_pos[:, None] < k_pos[None, :], NEG)
+
+
+def _block(q, k, v, q_pos, k_pos, scale):
+    """One block: (out [b,H,sq,d], lse [b,H,sq]) of q against this K/V block."""
+    s = _scores(q, k, q_pos, k_pos, scale)
     lse = torch.logsumexp(s, dim=-1)
     return torch.exp(s - lse[..., None]) @ v, lse
 
@@ -90,9 +95,7 @@ class _RingAttention(torch.autograd.Function):
             if step:
                 k_blk, v_blk, k_pos, dk, dv = _shift([k_blk, v_blk, k_pos, dk, dv], group)
             ke, ve = _expand(k_blk, heads), _expand(v_blk, heads)
-            s = (q @ ke.transpose(-1, -2)) * scale
-            s = s.masked_fill(positions[:, None] < k_pos[None, :], NEG)
-            p = torch.exp(s - lse[..., None])
+            p = torch.exp(_scores(q, ke, positions, k_pos, scale) - lse[..., None])
             dv = dv + _fold(p.transpose(-1, -2) @ dout, k.shape[1])
             ds = p * (dout @ ve.transpose(-1, -2) - delta)
             dq = dq + (ds @ ke) * scale

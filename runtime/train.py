@@ -143,6 +143,15 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     peaks = _gather_peaks(meter.peak_bytes())
     if dist.get_rank() != 0:
         return None
+    return _record(pf, plan, opts, device, start=start, times=times, losses=losses,
+                   peaks=peaks, memory_method=meter.method)
+
+
+def _record(pf: PlanFile, plan, opts: RunOptions, device: torch.device, *, start: int,
+            times: list[float], losses: list[float], peaks: list[int],
+            memory_method: str) -> dict:
+    """The measured JSON of a run (rank 0)."""
+    work = pf.work
     timed = times[opts.warmup_steps:] or times
     # The median resists the interference of a shared machine; the mean is kept beside it.
     median = statistics.median(timed) if timed else float("nan")
@@ -157,7 +166,7 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
         "tokens_per_s": work.tokens_per_step / median if timed else float("nan"),
         "losses": losses,
         "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks,
-        "memory_method": meter.method,
+        "memory_method": memory_method,
         "runtime_reserved_bytes": pf.cluster.device.runtime_reserved_bytes,
         "notes": execution_notes(pf.model, plan, device.type),
         "predicted": pf.predicted,

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import nnls
@@ -77,11 +77,28 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     """Run every benchmark; returns the profile as a JSON-ready dict."""
     import torch
 
-    from . import microbench as mb
-    from .commbench import CONCURRENT_GEMMS
+    from meshplan.costmodels.calibrated import CalibratedCosts
+    from meshplan.loaders import load_cluster
+
+    from .opbench import overheads
 
     torch.set_num_threads(1)
     device = torch.device("cuda" if opts.device == "cuda" else "cpu")
+    prof = _single_process(opts, device, say)
+    say("per-layer host overhead ...")  # what the tables just measured leave unexplained
+    costs = CalibratedCosts(load_cluster("cpu", gpus=1), prof)
+    prof = replace(prof, overheads=overheads(costs, opts.dtypes[0], device))
+    prof = replace(prof, **_shared_machine(opts, device, say))
+    return {**profile_to_dict(prof), "peaks": peaks(prof)}
+
+
+def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:
+    """GEMM, attention, the runtime's memory-bound ops, optimizer steps, bandwidth."""
+    import torch
+
+    from . import microbench as mb
+    from .opbench import op_rows
+
     gemm = {d: [] for d in opts.dtypes}
     with _bar(len(opts.gemm_sizes) ** 3 * len(opts.dtypes), "GEMM") as tick:
         for row in mb.gemm_rows(opts.gemm_sizes, opts.dtypes, device, opts.max_gemm_flops, tick):
@@ -91,7 +108,6 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     for row in mb.attention_rows(ATTN_SEQS, ATTN_HEAD_DIMS, opts.dtypes, device):
         attention[row[0]].append(row[1:])
     say("the runtime's memory-bound ops ...")
-    from .opbench import op_rows
     elementwise = op_rows(opts.dtypes, device) if device.type == "cpu" else {}
     say("optimizer steps ...")
     optimizer = {}
@@ -106,36 +122,33 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     if device.type == "cuda":
         copies = mb.host_copy_rows([2**26], device)
         host = copies[0][0] / max(copies[0][1], copies[0][2])
+    return HardwareProfile(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        gemm=gemm, attention=attention,
+        memory_bw_bytes_per_s=1.0 / s_per_byte if s_per_byte else float("inf"),
+        kernel_overhead_s=launch, collectives={}, concurrency={"1": 1.0},
+        host_copy_bytes_per_s=host, elementwise=elementwise, optimizer=optimizer,
+        source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs")
+
+
+def _shared_machine(opts: ProfileOptions, device, say) -> dict:
+    """Collectives and the compute slowdown with 2..N processes at once."""
+    import torch
+
+    from . import microbench as mb
+    from .commbench import CONCURRENT_GEMMS
+
     alone = {}
     for m, n, k in CONCURRENT_GEMMS:
         a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
         alone[(m, n, k)] = mb.throughput_time_s(lambda a=a, b=b: a @ b.t(), device)
-    say("per-layer host overhead ...")
-    from meshplan.costmodels.calibrated import CalibratedCosts
-    from meshplan.loaders import load_cluster
-
-    from .opbench import overheads
-    draft = HardwareProfile(device="draft", gemm=gemm, attention=attention,
-                            memory_bw_bytes_per_s=1.0 / s_per_byte if s_per_byte else 1e30,
-                            kernel_overhead_s=launch, collectives={}, concurrency={"1": 1.0},
-                            elementwise=elementwise)
-    over = overheads(CalibratedCosts(load_cluster("cpu", gpus=1), draft), opts.dtypes[0],
-                     device)
     collectives, concurrency = {}, {"1": 1.0}
     for n in opts.processes:
         say(f"collectives and shared compute with {n} processes ...")
         rec = _commbench(n, opts)
         collectives[str(n)] = fit_collectives(rec["collectives"], n)
         concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
-    prof = HardwareProfile(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        gemm=gemm, attention=attention,
-        memory_bw_bytes_per_s=1.0 / s_per_byte if s_per_byte else float("inf"),
-        kernel_overhead_s=launch, collectives=collectives, concurrency=concurrency,
-        host_copy_bytes_per_s=host, elementwise=elementwise, optimizer=optimizer,
-        overheads=over,
-        source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs")
-    return {**profile_to_dict(prof), "peaks": peaks(prof)}
+    return {"collectives": collectives, "concurrency": concurrency}
 
 
 def peaks(p: HardwareProfile) -> dict[str, float]:

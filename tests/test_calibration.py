@@ -105,3 +105,27 @@ def test_summary_errors_tau_and_fastest_gap():
     s = summary(swapped)
     assert s["kendall_tau"] == pytest.approx(-1.0)
     assert s["predicted_fastest"] == "c" and math.isclose(s["fastest_gap"], 2.0)
+
+
+def test_profile_then_validate_end_to_end(tmp_path, capsys):
+    """The closed loop runs: profile this machine, run the short suite, report, and exit 4
+    over a budget no prediction can meet (zero error)."""
+    pytest.importorskip("torch")
+    import json
+
+    from meshplan.cli import main
+
+    hw = tmp_path / "hw.json"
+    assert main(["profile", "--out", str(hw), "--processes", "2", "--dtypes", "fp32"]) == 0
+    prof = profile_from_dict(json.loads(hw.read_text()))
+    assert prof.gemm["fp32"] and "2" in prof.collectives and prof.elementwise["fp32"]
+    capsys.readouterr()
+    report, plot = tmp_path / "v.md", tmp_path / "v.png"
+    code = main(["validate", "--profile", str(hw), "--suite", "short", "--steps", "3",
+                 "--warmup-steps", "1", "--json", "--budget", "0", "--report", str(report),
+                 "--plot", str(plot)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 4
+    assert len(out["plans"]) == 5 and out["step_time_mape"] > 0
+    assert {"step_time_mape", "memory_mape", "kendall_tau"} <= set(out)
+    assert report.read_text().startswith("# meshplan validate") and plot.stat().st_size > 0

@@ -18,7 +18,7 @@ sizes and process counts, host copies on GPUs) and fits the hardware profile rea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,7 +74,6 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
 
 
 def profile_to_dict(p: HardwareProfile) -> dict[str, Any]:
-    from dataclasses import asdict
     return {"format": FORMAT, "version": VERSION, **asdict(p)}
 
 

@@ -91,11 +91,25 @@ def _parser() -> argparse.ArgumentParser:
                     "workload.*; xK scales), repeatable")
     wi.add_argument("--plot", default="whatif.png", help="bar chart path ('' for none)")
     wi.add_argument("--json", action="store_true")
+    _add_profile(sub)
+    _add_validate(sub)
+    _add_run(sub)
+    ex = sub.add_parser("export", help="write a plan file as another engine's config")
+    ex.add_argument("plan_file")
+    ex.add_argument("--to", required=True, choices=list(TARGETS))
+    ex.add_argument("--out", help="file to write (default: stdout)")
+    return ap
+
+
+def _add_profile(sub) -> None:
     pr = sub.add_parser("profile", help="measure this machine into a hardware profile")
     pr.add_argument("--out", default="hw.json")
     pr.add_argument("--processes", default="2,4", help="process counts for collectives")
     pr.add_argument("--dtypes", default="fp32,bf16")
     pr.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+
+
+def _add_validate(sub) -> None:
     va = sub.add_parser("validate", help="run a suite of plans, predict them, report the error")
     va.add_argument("--profile", help="hardware profile (calibrated cost model)")
     va.add_argument("--suite", choices=["full", "short"], default="full")
@@ -108,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                     "exceeds this fraction")
     va.add_argument("--published", nargs="?", const="", help="compare with published "
                     "records instead (default: shared/validation/published.json)")
+
+
+def _add_run(sub) -> None:
     rn = sub.add_parser("run", help="execute a plan file with the torch runtime")
     rn.add_argument("plan_file")
     rn.add_argument("--steps", type=int, default=10)
@@ -125,11 +142,6 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("--resume", action="store_true", help="continue from the newest "
                     "complete checkpoint in --checkpoint-dir (any plan)")
     rn.add_argument("--kill-during-save", type=int, default=0, help=argparse.SUPPRESS)
-    ex = sub.add_parser("export", help="write a plan file as another engine's config")
-    ex.add_argument("plan_file")
-    ex.add_argument("--to", required=True, choices=list(TARGETS))
-    ex.add_argument("--out", help="file to write (default: stdout)")
-    return ap
 
 
 def _load(args: argparse.Namespace) -> tuple:
@@ -266,16 +278,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(args: argparse.Namespace) -> int:
+def _need_torch(command: str) -> None:
     import importlib.util
 
-    require(importlib.util.find_spec("torch") is not None, "profile",
-            "profiling needs torch: pip install -e '.[runtime]' (or torch==2.13.0)")
+    require(importlib.util.find_spec("torch") is not None, command,
+            f"`meshplan {command}` needs torch: pip install -e '.[runtime]' "
+            "(or torch==2.13.0)")
+
+
+def _int_list(text: str, field: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise SpecError(field, f"expected integers separated by commas, got {text!r}") from None
+
+
+def _profile(args: argparse.Namespace) -> int:
+    _need_torch("profile")
     import torch
 
     from meshplan.validate.profile import ProfileOptions, measure
 
-    procs = tuple(int(parse_value("dp", p)) for p in args.processes.split(",") if p)
+    procs = _int_list(args.processes, "processes")
     require(all(p >= 2 for p in procs), "processes", f"need >= 2 processes, got {procs}")
     dtypes = tuple(d for d in args.dtypes.split(",") if d)
     bad = [d for d in dtypes if d not in ("fp32", "bf16", "fp16")]
@@ -304,6 +328,7 @@ def _validate(args: argparse.Namespace) -> int:
                               + (["--json"] if args.json else []))
     require(args.steps > args.warmup_steps >= 0, "warmup_steps",
             f"need 0 <= warmup ({args.warmup_steps}) < steps ({args.steps})")
+    _need_torch("validate")
     from meshplan.validate import compare, report, suite
 
     cases = suite.SHORT_SUITE if args.suite == "short" else suite.CPU_SUITE
@@ -311,7 +336,7 @@ def _validate(args: argparse.Namespace) -> int:
     results = suite.validate(cases, profile, steps=args.steps, warmup=args.warmup_steps)
     rows = [row for _, row, _ in results]
     summ = compare.summary(rows)
-    plans = [f"{c.plan}" for c, _, _ in results]
+    plans = [c.plan for c, _, _ in results]
     title = f"meshplan validate ({'calibrated' if profile else 'nominal'} cost model)"
     Path(args.report).write_text(report.markdown(rows, plans, summ, title))
     report.scatter(rows, args.plot)
@@ -331,13 +356,11 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import importlib.util
     import tempfile
 
     from meshplan.runtime import launch
 
-    require(importlib.util.find_spec("torch") is not None, "run",
-            "the runtime needs torch: pip install -e '.[runtime]' (or torch==2.13.0)")
+    _need_torch("run")
     for name in ("steps", "checkpoint_every"):
         require(getattr(args, name) >= 0, name, f"must be >= 0, got {getattr(args, name)}")
     require(args.steps > args.warmup_steps >= 0, "warmup_steps",

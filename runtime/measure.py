@@ -23,6 +23,12 @@ _TIMELINE = ("cpu: peak live tensor bytes in one extra training step (torch.prof
              "timeline)")
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so host timers measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -54,15 +55,17 @@ class PipelineRank:
         """Run the step; returns the sum over micro-batches of this rank's mean losses
         (non-zero only on the last stage)."""
         st = StepState()
-        last_b = {}
         for a in self.schedule.actions[self.pp_rank]:
-            if a.kind == "B":
-                last_b[a.stage] = a.microbatch
-        for a in self.schedule.actions[self.pp_rank]:
-            self._run(a, st, micro, last_b)
+            self._run(a, st, micro)
         return st.loss_sum
 
-    def _run(self, a: Action, st: StepState, micro: list[MicroBatch], last_b) -> None:
+    @cached_property
+    def last_backward(self) -> dict[int, int]:
+        """Stage -> the micro-batch of its last backward on this rank (gradients final)."""
+        return {a.stage: a.microbatch for a in self.schedule.actions[self.pp_rank]
+                if a.kind == "B"}
+
+    def _run(self, a: Action, st: StepState, micro: list[MicroBatch]) -> None:
         key = (a.stage, a.microbatch)
         n = self.schedule.n_stages
         if a.kind == "RF":
@@ -89,7 +92,8 @@ class PipelineRank:
                       tag=self._tag(a.stage, a.microbatch, 1))
             st.grads[key] = buf
         elif a.kind == "B":
-            self.grads.arm(a.stage, self.chunks[a.stage], a.microbatch == last_b[a.stage])
+            last = a.microbatch == self.last_backward[a.stage]
+            self.grads.arm(a.stage, self.chunks[a.stage], last)
             out = st.outputs.pop(key)
             torch.autograd.backward(out, None if a.stage == n - 1 else st.grads.pop(key))
         elif a.kind == "SB":

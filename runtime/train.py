@@ -28,7 +28,7 @@ from meshplan.core.schedule import build_schedule
 from . import checkpoint as ckpt
 from .data import SyntheticData, TokenFile, rank_micro_batches
 from .grads import GradReducer
-from .measure import MemoryMeter
+from .measure import MemoryMeter, sync
 from .mesh import Mesh, build_mesh
 from .model import Transformer, init_weights
 from .parallelize import expert_params, parallelize, split_stages, stage_ids
@@ -129,10 +129,10 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     losses, times = [], []
     for step in range(start, opts.steps):
         dist.barrier()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         local = train_step(step)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(_global_loss(local, mesh, m))
         if opts.saves_after(step):
@@ -207,10 +207,6 @@ def _device(kind: str) -> torch.device:
         return dev
     return torch.device("cpu")
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(dtype: str, device: torch.device):

@@ -19,6 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from meshplan.runtime.measure import sync
+
 from .microbench import throughput_time_s
 
 CONCURRENT_GEMMS = ((256, 384, 128), (512, 512, 512), (1024, 128, 512), (128, 1024, 256))
@@ -31,20 +33,16 @@ def _reps(nbytes: int) -> int:
 def _timed(fn, reps: int, device: torch.device) -> float:
     """Slowest rank's mean seconds per call."""
     fn()
-    _sync(device)
+    sync(device)
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    _sync(device)
+    sync(device)
     t = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def collective_rows(sizes: list[int], device: torch.device) -> list[list]:

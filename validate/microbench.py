@@ -2,7 +2,7 @@
 
 Each function times one kind of kernel over a sweep of sizes and returns plain rows;
 `profile.py` fits them into a hardware profile. Times are medians of repeats that run at
-least `min_s` in all (CUDA: events around the repeats, after a synchronize).
+least `min_s` in all (CUDA: synchronized before and after each call).
 """
 
 from __future__ import annotations
@@ -14,25 +14,23 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from meshplan.runtime.measure import sync
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_s(fn: Callable[[], object], device: torch.device, min_s: float = 0.02,
            min_reps: int = 3, max_reps: int = 200) -> float:
     """Median seconds of one call of `fn` (after one warm-up call)."""
     fn()
-    _sync(device)
+    sync(device)
     times: list[float] = []
     spent = 0.0
     while len(times) < min_reps or (spent < min_s and len(times) < max_reps):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         dt = time.perf_counter() - t0
         times.append(dt)
         spent += dt
@@ -44,13 +42,13 @@ def throughput_time_s(fn: Callable[[], object], device: torch.device,
     """Mean seconds per call over calls back to back for at least `min_s`. Unlike the
     median of single calls, this sees time-slicing when processes share cores."""
     fn()
-    _sync(device)
+    sync(device)
     calls, t0 = 0, time.perf_counter()
     while True:
         fn()
         calls += 1
         if calls % 4 == 0:
-            _sync(device)
+            sync(device)
             elapsed = time.perf_counter() - t0
             if elapsed >= min_s:
                 return elapsed / calls

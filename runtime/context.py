@@ -7,14 +7,18 @@ the K/V blocks around the ring cp−1 times, computing blockwise attention with 
 log-sum-exp (Liu et al. 2023, "Ring Attention with Blockwise Transformers", §3;
 Milakov & Gimelshein 2018 for the online softmax). Backward passes K/V and their gradients
 around the ring once more so each block's gradient returns to its owner.
+
+Each (query chunk, key chunk) pair runs one fused flash-attention call that also returns
+its log-sum-exp (causal on the diagonal, unmasked below it, skipped above), so the ring
+costs what the flash kernel costs plus the merge; the backward calls the flash backward
+per pair with the merged output and log-sum-exp, which gives each pair's exact share of
+the gradients (Dao 2023, FlashAttention-2 §3.1.2 — the backward needs only O and LSE).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-NEG = -1e30  # masked score; finite so fully masked rows give zero weight, not NaN
 
 
 def zigzag_index(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
@@ -23,6 +27,11 @@ def zigzag_index(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
     first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
     last = 2 * cp - 1 - cp_rank
     return torch.cat([first, torch.arange(last * chunk, (last + 1) * chunk)])
+
+
+def zigzag_chunks(cp: int, cp_rank: int) -> tuple[int, int]:
+    """The two sequence chunks (of 2·cp) that `cp_rank` holds, in its local order."""
+    return cp_rank, 2 * cp - 1 - cp_rank
 
 
 def _shift(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
@@ -39,17 +48,41 @@ def _shift(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
     return out
 
 
-def _scores(q, k, q_pos, k_pos, scale):
-    """Causally masked scores of q [b,H,sq,d] against k [b,H,sk,d] at these positions."""
-    s = (q @ k.transpose(-1, -2)) * scale
-    return s.masked_fill(q_pos[:, None] < k_pos[None, :], NEG)
+def _flash(q, k, v, causal: bool, scale: float):
+    """(out, lse [b,H,s] fp32) of one fused attention call."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                             scale=scale)
+    return out[0], out[1]
 
 
-def _block(q, k, v, q_pos, k_pos, scale):
-    """One block: (out [b,H,sq,d], lse [b,H,sq]) of q against this K/V block."""
-    s = _scores(q, k, q_pos, k_pos, scale)
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - lse[..., None]) @ v, lse
+def _flash_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """(dq, dk, dv) of one fused attention call, given the merged output and LSE."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    # CUDA (not run here: no GPU in CI): dense batches need no cumulative lengths, and
+    # without dropout the RNG state is unused.
+    empty = torch.empty(0, dtype=torch.int64, device=q.device)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, empty, empty, q.shape[2], k.shape[2], 0.0, causal,
+        empty, empty, scale=scale)
+
+
+def _pairs(me: int, src: int, n: int):
+    """(query half, key half, causal) of the chunk pairs rank `me` computes against the
+    K/V that rank `src` holds: causal on the diagonal, whole below it, none above."""
+    for qi, qc in enumerate(zigzag_chunks(n, me)):
+        for ki, kc in enumerate(zigzag_chunks(n, src)):
+            if kc <= qc:
+                yield qi, ki, kc == qc
+
+
+def _half(x: torch.Tensor, i: int) -> torch.Tensor:
+    n = x.shape[2] // 2
+    return x[:, :, i * n:(i + 1) * n]
 
 
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -61,48 +94,63 @@ def _fold(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad.view(b, kv_heads, h // kv_heads, s, d).sum(2)
 
 
+def _merge(out, lse, o_j, lse_j) -> None:
+    """Fold one block's (output, LSE) into the running ones, in place (online softmax)."""
+    new = torch.logaddexp(lse, lse_j)
+    out.mul_(torch.exp(lse - new)[..., None])
+    out.add_(o_j.float() * torch.exp(lse_j - new)[..., None])
+    lse.copy_(new)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, positions, group):
-        dtype, heads = q.dtype, q.shape[1]
-        q32, k32, v32 = q.float(), k.float(), v.float()
+    def forward(ctx, q, k, v, group):
+        n, me, heads = dist.get_world_size(group), dist.get_rank(group), q.shape[1]
         scale = q.shape[-1] ** -0.5
-        out = torch.zeros_like(q32)
-        lse = torch.full(q.shape[:-1], NEG, dtype=torch.float32, device=q.device)
-        kv, k_pos = (k32, v32), positions
-        for step in range(dist.get_world_size(group)):
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        kv = [k, v]
+        for step in range(n):
             if step:
-                *kv, k_pos = _shift([*kv, k_pos], group)
-            o_j, lse_j = _block(q32, _expand(kv[0], heads), _expand(kv[1], heads),
-                                positions, k_pos, scale)
-            new = torch.logaddexp(lse, lse_j)
-            out = out * torch.exp(lse - new)[..., None] + o_j * torch.exp(lse_j - new)[..., None]
-            lse = new
-        ctx.save_for_backward(q32, k32, v32, positions, out, lse)
-        ctx.group, ctx.scale, ctx.dtypes = group, scale, (q.dtype, k.dtype, v.dtype)
-        return out.to(dtype)
+                kv = _shift(kv, group)
+            ke, ve = _expand(kv[0], heads), _expand(kv[1], heads)
+            for qi, ki, causal in _pairs(me, (me - step) % n, n):
+                o_j, lse_j = _flash(_half(q, qi), _half(ke, ki), _half(ve, ki), causal, scale)
+                _merge(_half(out, qi), _half(lse[..., None], qi)[..., 0], o_j, lse_j)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale = group, scale
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, positions, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         group, scale, heads = ctx.group, ctx.scale, q.shape[1]
-        dout = dout.float()
-        delta = (dout * out).sum(-1, keepdim=True)
-        dq = torch.zeros_like(q)
-        k_blk, v_blk, k_pos = k, v, positions
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        for step in range(dist.get_world_size(group)):
+        n, me = dist.get_world_size(group), dist.get_rank(group)
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        k_blk, v_blk = k, v
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros_like(dk)
+        lse_h = lse[..., None]
+        for step in range(n):
             if step:
-                k_blk, v_blk, k_pos, dk, dv = _shift([k_blk, v_blk, k_pos, dk, dv], group)
+                k_blk, v_blk, dk, dv = _shift([k_blk, v_blk, dk, dv], group)
             ke, ve = _expand(k_blk, heads), _expand(v_blk, heads)
-            p = torch.exp(_scores(q, ke, positions, k_pos, scale) - lse[..., None])
-            dv = dv + _fold(p.transpose(-1, -2) @ dout, k.shape[1])
-            ds = p * (dout @ ve.transpose(-1, -2) - delta)
-            dq = dq + (ds @ ke) * scale
-            dk = dk + _fold((ds.transpose(-1, -2) @ q) * scale, k.shape[1])
+            dke, dve = torch.zeros(ke.shape, dtype=torch.float32, device=ke.device), \
+                torch.zeros(ve.shape, dtype=torch.float32, device=ve.device)
+            for qi, ki, causal in _pairs(me, (me - step) % n, n):
+                g = _flash_bwd(_half(dout, qi).contiguous(), _half(q, qi).contiguous(),
+                               _half(ke, ki).contiguous(), _half(ve, ki).contiguous(),
+                               _half(out, qi).contiguous(),
+                               _half(lse_h, qi)[..., 0].contiguous(), causal, scale)
+                _half(dq, qi).add_(g[0].float())
+                _half(dke, ki).add_(g[1].float())
+                _half(dve, ki).add_(g[2].float())
+            dk = dk + _fold(dke, k.shape[1])
+            dv = dv + _fold(dve, v.shape[1])
         dk, dv = _shift([dk, dv], group)  # the last hop brings each block's gradient home
-        dq_t, dk_t, dv_t = ctx.dtypes
-        return dq.to(dq_t), dk.to(dk_t), dv.to(dv_t), None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 class RingAttention:
@@ -112,4 +160,4 @@ class RingAttention:
         self.group = group
 
     def __call__(self, q, k, v, positions):
-        return _RingAttention.apply(q, k, v, positions, self.group)
+        return _RingAttention.apply(q, k, v, self.group)

@@ -42,8 +42,9 @@ class Bucket:
 class GradReducer:
     def __init__(self, chunks: dict[int, nn.Module],
                  jobs: list[tuple[list[nn.Parameter], dist.ProcessGroup]],
-                 divisor: int, overlap: bool):
+                 divisor: int, overlap: bool, keep_gathered: bool = False):
         self.divisor, self.overlap = divisor, overlap
+        self.keep_gathered = keep_gathered  # ZeRO-1/2: FSDP parameters stay whole all step
         self.buckets = [b for params, group in jobs for b in _bucketize(params, group)]
         self.chunk_of = {id(p): s for s, c in chunks.items() for p in c.parameters()}
         self.armed: set[int] = set()  # stages in their last micro-batch's backward
@@ -58,6 +59,8 @@ class GradReducer:
         """Called before each backward: `last` when it is this chunk's final micro-batch."""
         if isinstance(chunk, FSDPModule):
             chunk.set_requires_gradient_sync(last)
+            if self.keep_gathered:  # gathered once per step, resharded after the last
+                chunk.set_reshard_after_backward(last)
         (self.armed.add if last else self.armed.discard)(stage)
 
     def finish(self) -> None:

@@ -1,17 +1,20 @@
 """Peak memory per rank, by the best measure the device offers (the method is recorded).
 
 CUDA: the caching allocator's peak of allocated bytes over the run. CPU: there is no
-allocator statistic, and the resident set keeps what glibc and lazily loaded libraries
-hold, so one extra training step runs under torch.profiler with `profile_memory=True` and
-the peak of live tensor bytes on its memory timeline is the measure (weights, gradients,
-optimizer state, activations and temporaries; not the gloo buffers). If the profiler's
-timeline is unavailable, or claims more than the resident set ever grew (it then missed
-frees, as seen with DTensor's functional collectives), the peak resident set above the
-start-up one stands in, and the method says so.
+allocator statistic, and the resident set keeps what glibc, gloo and lazily loaded
+libraries hold, so one extra training step runs under torch.profiler with
+`profile_memory=True`: the peak is the tensor bytes alive when the step starts (every
+tensor storage the garbage collector can reach: weights, optimizer state) plus the
+highest running sum of the allocator's allocation (+) and free (−) records during the
+step (activations, gradients, temporaries, communication buffers). Some frees go
+unrecorded (DTensor's functional collectives): the live bytes after the step tell how
+much, and the method says that the peak may be up to that much lower. Without records,
+the peak resident set above the start-up one stands in.
 """
 
 from __future__ import annotations
 
+import gc
 import resource
 from collections.abc import Callable
 
@@ -19,14 +22,31 @@ import torch
 
 _RSS = ("cpu: peak resident set (getrusage ru_maxrss) minus the resident set after torch "
         "and the process group started")
-_TIMELINE = ("cpu: peak live tensor bytes in one extra training step (torch.profiler memory "
-             "timeline)")
+_ALLOCS = ("cpu: tensor bytes alive at the start of one extra training step plus the peak "
+           "running sum of the allocator's records during it (torch.profiler)")
 
 
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so host timers measure it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct CPU tensor storages the garbage collector can reach."""
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu" or obj.is_sparse:
+            continue
+        try:
+            storage = obj.untyped_storage()
+            ptr = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # wrapper subclasses (DTensor) and
+            continue  # freed storages: the local tensors are reachable themselves
+        if ptr and ptr not in seen:
+            seen.add(ptr)
+            total += storage.nbytes()
+    return total
 
 
 def resident_bytes() -> int:
@@ -38,7 +58,7 @@ def resident_bytes() -> int:
 class MemoryMeter:
     def __init__(self, device: torch.device):
         self.device = device
-        self.timeline_peak: int | None = None
+        self.allocs_peak: int | None = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             self.method = "cuda: torch.cuda.max_memory_allocated"
@@ -52,29 +72,30 @@ class MemoryMeter:
         return self.device.type == "cpu"
 
     def measure_step(self, step: Callable[[], object]) -> None:
-        """Run `step` under the memory profiler and keep its peak of live tensor bytes."""
+        """Run `step` under the memory profiler; keep live bytes at start + peak growth."""
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
-                     record_shapes=True, with_stack=True) as prof:
+        start = live_tensor_bytes()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
-        try:
-            from torch.profiler._memory_profiler import MemoryProfileTimeline
-            timeline = MemoryProfileTimeline(prof._memory_profile())
-            _, sizes = timeline._coalesce_timeline(torch.device("cpu"))
-        except Exception:  # private API: fall back to the resident set
-            return
-        if sizes:
-            self.timeline_peak = int(max(sum(s) for s in sizes))
-            self.method = _TIMELINE
+        records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]")
+        running = peak = 0
+        for _, nbytes in records:
+            running += nbytes
+            peak = max(peak, running)
+        if not records:
+            return  # no allocator records: the resident set stands in
+        self.allocs_peak = start + peak
+        self.method = _ALLOCS
+        missed = running - (live_tensor_bytes() - start)  # records of frees that never came
+        if missed > 0.05 * peak:
+            self.method += (f"; {missed / 2**20:.1f} MiB of frees went unrecorded, so the peak "
+                            "may be up to that much lower")
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base  # KiB
-        if self.timeline_peak is not None:
-            if self.timeline_peak <= rss:
-                return self.timeline_peak
-            self.method = (f"{_RSS} (the profiler's timeline said "
-                           f"{self.timeline_peak / 2**20:.0f} MiB, more than the resident set "
-                           "grew, and was discarded)")
+        if self.allocs_peak is not None:
+            return self.allocs_peak
         return max(rss, 0)

@@ -92,7 +92,8 @@ def grad_reducer(chunks, mesh: Mesh) -> GradReducer:
         jobs.append(([p for p in params if p not in experts], mesh.group("dp_cp")))
     if experts:
         jobs.append(([p for p in params if p in experts], mesh.group("edp")))
-    return GradReducer(chunks, jobs, divisor=plan.dp * plan.cp, overlap=plan.dp_overlap)
+    return GradReducer(chunks, jobs, divisor=plan.dp * plan.cp, overlap=plan.dp_overlap,
+                       keep_gathered=plan.zero in (1, 2))
 
 
 def run(pf: PlanFile, opts: RunOptions) -> dict | None:

@@ -12,6 +12,7 @@ states plus the activations of the micro-batches its schedule keeps alive.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -143,7 +144,8 @@ class PlanCosts:
 
     def layer_phase(self, moe_layer: bool) -> tuple[Phase, Phase]:
         p = self.plan
-        key = (self.shard, p.recompute, p.tp_overlap, p.kernels, moe_layer)
+        key = (self.shard, p.recompute, p.tp_overlap, p.kernels, moe_layer,
+               tuple(self.mechanisms(moe_layer)))
         if key not in self.cache.layer:
             self.cache.layer[key] = self._layer_phase(moe_layer)
         return self.cache.layer[key]
@@ -174,13 +176,25 @@ class PlanCosts:
         cp_f, cp_b = self._cp_comm(attn_f, attn_b)
         ep = self._ep_comm() if moe_layer else 0.0
         comm_f, comm_b = tp_f + cp_f + ep, tp_b + cp_b + ep
-        fwd += self.costs.overhead_s("layer", backward=False)
-        bwd += self.costs.overhead_s("layer", backward=True)
+        for unit in ("layer", *self.mechanisms(moe_layer)):
+            fwd += self.costs.overhead_s(unit, backward=False)
+            bwd += self.costs.overhead_s(unit, backward=True)
         recompute = {"full": fwd + comm_f, "selective": attn_f, "none": 0.0,
                      "op": gemm_f / 2 + self._time([o for o in ops if o.kind == "mem"])}[
             self.plan.recompute]
         return (Phase(compute=fwd, comm=comm_f),
                 Phase(compute=bwd, recompute=recompute, comm=comm_b))
+
+    def mechanisms(self, moe_layer: bool) -> list[str]:
+        """The parallel mechanisms a layer of this plan runs through, each with its own
+        per-layer host overhead in a calibrated profile (`validate/mechbench.py`)."""
+        p = self.plan
+        out = [f"layer:{m}" for m, on in (("tp", p.tp > 1), ("cp", p.cp > 1)) if on]
+        if p.dp * p.cp > 1 and p.zero >= 1:
+            out.append("layer:fsdp" if p.zero == 3 and p.pp == 1 else "layer:zero2")
+        if moe_layer:
+            out += ["layer:moe"] + (["layer:ep"] if p.ep > 1 else [])
+        return out
 
     def _tp_comm(self, gemm_fwd_s: float) -> tuple[float, float]:
         """Megatron TP: 2 all-reduces per layer each way; with SP, 2 all-gathers and 2
@@ -377,7 +391,13 @@ class PlanCosts:
 
     # ---- data parallelism and optimizer -------------------------------------------------
     def dp_exposed_s(self, rank: int, phase_f: float, phase_b: float) -> tuple[float, float]:
-        """(exposed seconds, total seconds) of DP/FSDP communication for one step."""
+        """(exposed seconds, total seconds) of DP/FSDP communication for one step.
+
+        Collectives go one unit at a time, each paying its latency: ZeRO shards per layer
+        (FSDP2 wraps each block and the root: layers + 1 units; Zhao et al. 2023 §3),
+        ZeRO-0 reduces DDP buckets (Li et al. 2020 §3.2.3). Gradients are reduced once per
+        step, after the last micro-batch's backward (no sync while accumulating).
+        """
         p = self.plan
         dense, expert = self.rank_params(rank)
         nlayers = max(1, sum(self.stage_layers[rank::p.pp]))
@@ -387,34 +407,32 @@ class PlanCosts:
             grad_bytes = elem * params
             if group.size <= 1 or params == 0:
                 continue
-            if p.zero == 3 and p.pp == 1:  # FSDP: gather for forward and again for backward
-                ag = self.costs.collective_s(group, "all_gather", grad_bytes)
-                rs = self.costs.collective_s(group, "reduce_scatter", grad_bytes)
-                total += self.m * (2 * ag + rs)
-                if p.dp_overlap:
-                    per_mb = max(ag / nlayers, ag - phase_f) + max(
-                        (ag + rs) / nlayers, ag + rs - phase_b)
-                    exposed += self.m * per_mb
-                else:
-                    exposed += self.m * (2 * ag + rs)
-                continue
-            # ZeRO-3 under pipelining keeps parameters gathered for the step (torchtitan's
-            # reshard_after_forward=False with PP): one gather, one reduce-scatter, as ZeRO-1.
             if p.zero == 0:
-                grads = self.costs.collective_s(group, "all_reduce", grad_bytes)
+                units = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
+                grads = units * self.costs.collective_s(group, "all_reduce", grad_bytes / units)
                 gather = 0.0
             else:
-                grads = self.costs.collective_s(group, "reduce_scatter", grad_bytes)
-                gather = self.costs.collective_s(group, "all_gather", grad_bytes)
+                units = nlayers + 1
+                grads = units * self.costs.collective_s(group, "reduce_scatter",
+                                                        grad_bytes / units)
+                gather = units * self.costs.collective_s(group, "all_gather", grad_bytes / units)
+            if p.zero == 3 and p.pp == 1:  # FSDP: gather for every forward and backward
+                total += self.m * 2 * gather + grads
+                if p.dp_overlap:  # the next unit's gather runs under this one's compute
+                    exposed += self.m * (max(gather / units, gather - phase_f)
+                                         + max(gather / units, gather - phase_b))
+                    exposed += max(grads / units, grads - max(0.0, phase_b - gather))
+                else:
+                    exposed += self.m * 2 * gather + grads
+                continue
+            # ZeRO-1/2, and ZeRO-3 under pipelining (torchtitan's reshard_after_forward=False
+            # with PP): parameters gathered once per step, gradients reduce-scattered once.
             total += grads + gather
             if p.dp_overlap:
-                # DDP launches a bucket's all-reduce when its last gradient is ready, so at
-                # least the last bucket is exposed (Li et al. 2020 §3.2.3, 25 MiB buckets).
-                last = self.costs.collective_s(group, "all_reduce",
-                                               min(grad_bytes, DDP_BUCKET_BYTES)) \
-                    if p.zero == 0 else grads / nlayers
-                exposed += max(grads / nlayers, grads - phase_b, last)
-                exposed += max(gather / nlayers, gather - phase_f) if gather else 0.0
+                # A unit's reduction starts when its last gradient is ready, so at least the
+                # last unit's is exposed.
+                exposed += max(grads / units, grads - phase_b)
+                exposed += max(gather / units, gather - phase_f) if gather else 0.0
             else:
                 exposed += grads + gather
         return exposed, total

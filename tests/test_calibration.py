@@ -129,3 +129,31 @@ def test_profile_then_validate_end_to_end(tmp_path, capsys):
     assert len(out["plans"]) == 5 and out["step_time_mape"] > 0
     assert {"step_time_mape", "memory_mape", "kendall_tau"} <= set(out)
     assert report.read_text().startswith("# meshplan validate") and plot.stat().st_size > 0
+
+
+def test_mechanism_overhead_is_the_layer_time_the_profile_does_not_price():
+    from meshplan.simulator.analytical import CostCache, prepare
+    from meshplan.validate.mechbench import plan_file
+    from meshplan.validate.profile import mechanism_overheads
+
+    prof = synthetic()
+    pf = plan_file("tp", 1, 2)
+    f, b = prepare(pf.model, pf.cluster, pf.work, pf.plan,
+                   CostCache(costs=CalibratedCosts(pf.cluster, prof))).layer_phase(False)
+    extra = (3e-3, 5e-3)  # what DTensor adds per layer, forward and backward
+    record = {"tp": {"1": [0.01, 0.02],
+                     "3": [0.01 + 2 * (f.total + extra[0]), 0.02 + 2 * (b.total + extra[1])]}}
+    fitted = mechanism_overheads(prof, record)
+    assert fitted.overheads["layer:tp"] == pytest.approx(extra, rel=1e-6)
+
+    model, work = load_model("tiny-dense"), TrainWorkload(seq_len=256, global_batch=8,
+                                                          dtype="fp32")
+    cluster, plan = load_cluster("cpu", gpus=2), Plan.parse("tp=2,sp=on,mbs=4")
+    before = simulate(model, cluster, work, plan, profile=prof)
+    after = simulate(model, cluster, work, plan, profile=fitted)
+    layers_times_mbs = model.n_layers * 2  # 8 sequences in micro-batches of 4
+    assert after.step_time_s - before.step_time_s == pytest.approx(
+        layers_times_mbs * sum(extra), rel=1e-6)
+    dp = Plan.parse("dp=2,mbs=4")  # a plan without TP does not pay it
+    assert simulate(model, cluster, work, dp, profile=fitted).step_time_s == \
+        pytest.approx(simulate(model, cluster, work, dp, profile=prof).step_time_s)

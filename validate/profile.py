@@ -89,7 +89,32 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     costs = CalibratedCosts(load_cluster("cpu", gpus=1), prof)
     prof = replace(prof, overheads=overheads(costs, opts.dtypes[0], device))
     prof = replace(prof, **_shared_machine(opts, device, say))
+    if device.type == "cpu" and 2 in opts.processes:
+        say("per-layer cost of each parallel mechanism with 2 processes ...")
+        prof = mechanism_overheads(prof, _torchrun(2, "mechbench", []))
     return {**profile_to_dict(prof), "peaks": peaks(prof)}
+
+
+def mechanism_overheads(prof: HardwareProfile, record: dict) -> HardwareProfile:
+    """Fold mechbench's per-layer times into `prof.overheads["layer:<mechanism>"]`: the
+    measured layer less what the profile prices for it (ops, messages, the overheads
+    fitted so far), as seconds of one process alone (the slowdown of sharing the machine
+    is divided out; the cost model multiplies it back)."""
+    from meshplan.costmodels.calibrated import CalibratedCosts
+    from meshplan.simulator.analytical import CostCache, prepare
+
+    from .mechbench import plan_file
+
+    for mech, times in record.items():
+        pf = plan_file(mech, 1, 2)
+        costs = CalibratedCosts(pf.cluster, prof)
+        priced = prepare(pf.model, pf.cluster, pf.work, pf.plan, CostCache(costs=costs))
+        f, b = priced.layer_phase(pf.model.is_moe)
+        per_layer = [(t3 - t1) / 2 for t1, t3 in zip(times["1"], times["3"], strict=True)]
+        extra = [max(0.0, t - p) / costs.slowdown
+                 for t, p in zip(per_layer, (f.total, b.total), strict=True)]
+        prof = replace(prof, overheads={**prof.overheads, f"layer:{mech}": extra})
+    return prof
 
 
 def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:
@@ -162,15 +187,20 @@ def peaks(p: HardwareProfile) -> dict[str, float]:
 
 
 def _commbench(n: int, opts: ProfileOptions) -> dict:
+    return _torchrun(n, "commbench", ["--sizes", ",".join(str(s) for s in opts.comm_sizes),
+                                      "--device", opts.device])
+
+
+def _torchrun(n: int, bench: str, args: list[str]) -> dict:
+    """Run `meshplan.validate.<bench>` in n processes; its rank 0's JSON."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/comm.json"
+        out = f"{tmp}/{bench}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={n}", "-m", "meshplan.validate.commbench", out,
-               "--sizes", ",".join(str(s) for s in opts.comm_sizes), "--device", opts.device]
+               f"--nproc-per-node={n}", "-m", f"meshplan.validate.{bench}", out, *args]
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode:
-            raise RuntimeError(f"commbench with {n} processes failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{bench} with {n} processes failed:\n{proc.stderr[-2000:]}")
         with open(out) as f:
             return json.load(f)
 

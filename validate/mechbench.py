@@ -1,0 +1,106 @@
+"""What each parallel mechanism of the runtime costs per layer beyond its ops and messages.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 \
+        -m meshplan.validate.mechbench OUT.json
+
+Tensor parallelism through DTensor, ring attention, FSDP2's per-layer hooks and expert
+dispatch all spend host time per layer that neither the ops nor the collectives they
+issue account for (sharding propagation, Python, waits). Each is measured the way
+`opbench.overheads` measures the plain layer: the runtime's own model under one plan,
+with 1 and 3 layers, on a sequence so short that compute costs next to nothing; half the
+difference is one layer's forward and backward. `profile.py` subtracts what the cost
+model already prices for that layer (ops, messages, the plain layer's overhead) and keeps
+the rest. Rank 0 writes {mechanism: {"1": [fwd s, bwd s], "3": [...]}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+from meshplan.core.plan import Plan
+from meshplan.core.planfile import PlanFile
+from meshplan.core.workload import TrainWorkload
+from meshplan.loaders import load_cluster, load_model
+
+# mechanism -> (catalog model, plan for 2 processes). In this order each residual is
+# taken after the ones before it are priced ("ep" runs MoE layers, so "moe" comes first).
+MECHANISMS = {"tp": ("tiny-dense", "tp=2,sp=on"), "cp": ("tiny-dense", "cp=2"),
+              "fsdp": ("tiny-dense", "dp=2,zero=3"), "zero2": ("tiny-dense", "dp=2,zero=2"),
+              "moe": ("tiny-moe", "dp=2"), "ep": ("tiny-moe", "dp=2,ep=2")}
+SEQ = 16
+REPS = 20
+
+
+def plan_file(mechanism: str, layers: int, processes: int) -> PlanFile:
+    """The mechanism's model cut to `layers` layers (all MoE for tiny-moe) and its plan."""
+    name, text = MECHANISMS[mechanism]
+    model = load_model(name)
+    model = replace(model, n_layers=layers)
+    if model.moe:
+        model = replace(model, moe=replace(model.moe, first_k_dense=0))
+    plan = Plan.parse(f"{text},mbs=1,kernels=eager").resolve(processes)
+    work = TrainWorkload(seq_len=SEQ, global_batch=plan.dp, dtype="fp32")
+    return PlanFile(model=model, cluster=load_cluster("cpu", gpus=processes), work=work,
+                    plan=plan)
+
+
+def time_layers(pf: PlanFile, device) -> list[float]:
+    """[forward s, backward s] of one micro-batch: the slowest rank's median."""
+    import torch
+    import torch.distributed as dist
+
+    from meshplan.runtime.data import rank_micro_batches
+    from meshplan.runtime.mesh import build_mesh
+    from meshplan.runtime.train import build, loss_fn
+
+    plan = pf.plan
+    mesh = build_mesh(plan, device.type)
+    (model,) = build(pf, mesh, 0, device).values()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: as between micro-batches
+        model.set_requires_gradient_sync(False)  # reductions are priced once per step
+        model.set_reshard_after_backward(plan.zero == 3)
+    batch = torch.randint(0, pf.model.vocab_size, (plan.dp, SEQ + 1))
+    (mb,) = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=plan.cp,
+                               cp_rank=mesh.coord("cp"), mbs=1, device=device)
+    fwd, bwd = [], []
+    for _ in range(REPS + 2):
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = loss_fn(model(mb.tokens, mb.positions), mb.labels)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+    med = torch.tensor([sorted(fwd[2:])[REPS // 2], sorted(bwd[2:])[REPS // 2]],
+                       dtype=torch.float64)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return med.tolist()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="meshplan.validate.mechbench")
+    p.add_argument("out")
+    a = p.parse_args(argv)
+    import torch  # the worker needs torch; `plan_file` (used by the fit) does not
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    device = torch.device("cpu")
+    try:
+        n = dist.get_world_size()
+        record = {m: {str(layers): time_layers(plan_file(m, layers, n), device)
+                      for layers in (1, 3)} for m in MECHANISMS}
+        if dist.get_rank() == 0:
+            with open(a.out, "w") as f:
+                json.dump(record, f)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -35,14 +35,18 @@ def model_state_bytes(params: float, dp: int, zero: int, optimizer_bytes: int = 
 
 
 def layer_activation_bytes(model: ModelSpec, s: Shard, recompute: str, moe_layer: bool,
-                           dropout: bool | None = None) -> float:
-    """Bytes one layer keeps for backward, for one micro-batch on one rank."""
+                           dropout: bool | None = None, eager: bool = False) -> float:
+    """Bytes one layer keeps for backward, for one micro-batch on one rank; `eager` adds
+    what unfused PyTorch ops keep beyond fused kernels (`eager_layer_extra_bytes`)."""
     b, h = s.act_bytes, model.hidden_size
     t, t_sp = s.tokens, s.sp_tokens
     if recompute == "full":
         return b * t_sp * h
     if recompute == "op":
         return _op_checkpoint_bytes(model, s, moe_layer)
+    if eager:
+        return layer_activation_bytes(model, s, recompute, moe_layer, dropout) + \
+            eager_layer_extra_bytes(model, s, moe_layer)
     drop = model.dropout if dropout is None else dropout
     mask = t_sp * h if drop else 0  # 1-byte dropout masks
     attn = _attention_activations(model, s, recompute, drop) + 2 * b * t_sp * h + mask
@@ -53,6 +57,28 @@ def layer_activation_bytes(model: ModelSpec, s: Shard, recompute: str, moe_layer
         f = model.ffn_hidden_size // s.tp
         mlp += b * t * f * (3 if model.mlp == "swiglu" else 2)
     return attn + mlp
+
+
+def eager_layer_extra_bytes(model: ModelSpec, s: Shard, moe_layer: bool) -> float:
+    """What eager PyTorch keeps beyond fused kernels, counted from autograd's saved tensors
+    of meshplan's runtime (nn.RMSNorm, F.silu, SDPA): each RMSNorm also keeps its
+    normalised input before the weight (2 norms), the attention output is copied into the
+    output projection's layout, and SwiGLU keeps silu(gate) beside gate, up and product.
+    Under sequence parallelism through DTensor (torchtitan's plan, and meshplan's) the
+    column-parallel linears keep their all-gathered inputs, where Megatron-LM keeps the
+    sequence shard and gathers again in backward (Korthikanti et al. 2022 §4.2.2)."""
+    b, h = s.act_bytes, model.hidden_size
+    extra = 2 * s.sp_tokens * h + s.tokens * model.attn_out_dim // s.tp
+    if s.sp and s.tp > 1:
+        extra += 2 * (s.tokens - s.sp_tokens) * h
+    if model.mlp == "swiglu":
+        if moe_layer and model.moe is not None:
+            moe = model.moe
+            extra += s.tokens * moe.top_k * s.etp / s.tp * moe.expert_ffn_hidden_size // s.etp
+            extra += s.tokens * moe.n_shared_experts * moe.shared_ffn // s.tp
+        else:
+            extra += s.tokens * model.ffn_hidden_size // s.tp
+    return b * extra
 
 
 def _op_checkpoint_bytes(model: ModelSpec, s: Shard, moe_layer: bool) -> float:
@@ -105,9 +131,11 @@ def _moe_activations(model: ModelSpec, s: Shard) -> float:
     return acts
 
 
-def head_activation_bytes(model: ModelSpec, s: Shard) -> float:
-    """Last stage: final-norm input and fp32 logits for the loss, 4sbv/t (Korthikanti §4.3)."""
-    return s.act_bytes * s.sp_tokens * model.hidden_size + 4 * s.tokens * model.vocab_size / s.tp
+def head_activation_bytes(model: ModelSpec, s: Shard, eager: bool = False) -> float:
+    """Last stage: final-norm input and fp32 logits for the loss, 4sbv/t (Korthikanti §4.3);
+    an eager RMSNorm also keeps its normalised input and its output (the LM head's input)."""
+    norm = (3 if eager else 1) * s.act_bytes * s.sp_tokens * model.hidden_size
+    return norm + 4 * s.tokens * model.vocab_size / s.tp
 
 
 def inflight_microbatches(schedule: str, pp: int, vpp: int, rank: int, m: int) -> float:

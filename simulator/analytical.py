@@ -151,10 +151,11 @@ class PlanCosts:
         return self.cache.layer[key]
 
     def layer_acts(self, recompute: str, moe_layer: bool) -> float:
-        key = (self.shard, recompute, moe_layer)
+        eager = self.plan.kernels == "eager"
+        key = (self.shard, recompute, moe_layer, eager)
         if key not in self.cache.acts:
-            self.cache.acts[key] = mem.layer_activation_bytes(self.model, self.shard, recompute,
-                                                              moe_layer)
+            self.cache.acts[key] = mem.layer_activation_bytes(
+                self.model, self.shard, recompute, moe_layer, eager=eager)
         return self.cache.acts[key]
 
     def _time(self, ops: list[Op], dtype: str | None = None) -> float:
@@ -367,7 +368,8 @@ class PlanCosts:
         live = mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, self.m)
         acts = per_mb * live + self.recompute_peak_bytes()
         if rank == (len(self.stage_layers) - 1) % p.pp:
-            acts += mem.head_activation_bytes(self.model, self.shard)
+            acts += mem.head_activation_bytes(self.model, self.shard,
+                                              self.plan.kernels == "eager")
         return acts
 
     def recompute_peak_bytes(self) -> float:

@@ -105,3 +105,34 @@ def test_latest_checkpoint_skips_partial_saves(tmp_path):
     for name in ("step_2", "step_10", "step_12.partial"):
         (tmp_path / name).mkdir()
     assert latest(tmp_path) == (10, tmp_path / "step_10")
+
+
+@pytest.mark.parametrize("name,layer", [("tiny-dense", "0"), ("tiny-moe", "1")])
+def test_eager_activation_model_counts_what_autograd_saves(name, layer):
+    """The memory model's eager layer bytes against the tensors autograd keeps for the
+    runtime's block (parameters left out), fp32, one micro-batch."""
+    from meshplan.costmodels.flops import Shard
+    from meshplan.costmodels.memory import layer_activation_bytes
+    from meshplan.runtime.model import rope_tables
+
+    spec = load_model(name)
+    model = Transformer(spec)
+    init_weights(model, 0)
+    block, mbs, seq = model.layers[layer], 4, 256
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and not any(t._base is p for p in block.parameters()):
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(mbs, seq, spec.hidden_size, requires_grad=True)
+    pos = torch.arange(seq)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, rope_tables(spec.head_dim, pos), pos)
+    shard = Shard(mbs=mbs, seq=seq, act_bytes=4)
+    predicted = layer_activation_bytes(spec, shard, "none", spec.is_moe_layer(int(layer)),
+                                       eager=True)
+    assert predicted == pytest.approx(sum(saved.values()), rel=0.06)

@@ -9,7 +9,11 @@ sizes and process counts, host copies on GPUs) and fits the hardware profile rea
 - Memory-bound work is `kernels · launch + bytes / bandwidth`, both fitted.
 - Collectives are α + β · bus bytes (NCCL's convention, `collectives.BUS_FACTOR`) with α
   and β fitted per operation and group size; groups that span nodes, which one machine
-  cannot measure, fall back to the nominal model.
+  cannot measure, fall back to the nominal model. A group smaller than the job slows as
+  the job's processes crowd the machine (the concurrency ratio below).
+- Host time beyond the ops is a table of per-unit overheads: per layer and per model
+  chunk call of the plain model (`validate/opbench.py`), and what each parallel mechanism
+  adds per layer or per chunk call (`validate/mechbench.py`).
 - Compute shares the machine when more processes than it has units run at once (CPU
   processes on shared cores): every compute time is scaled by the slowdown measured with
   that many processes running the same GEMMs together.
@@ -49,7 +53,8 @@ class HardwareProfile:
     elementwise: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     # optimizer -> [seconds per tensor, seconds per parameter] of the runtime's torch.optim
     optimizer: dict[str, list[float]] = field(default_factory=dict)
-    # "layer" | "stage" -> [forward s, backward s] the runtime spends beyond its ops
+    # "layer" | "stage" | "stage:pp" | "layer:<mechanism>" -> [forward s, backward s] the
+    # runtime spends beyond its ops and messages (`CostModel.overhead_s`)
     overheads: dict[str, list[float]] = field(default_factory=dict)
     source: str = ""
 
@@ -184,13 +189,21 @@ class CalibratedCosts:
         if group.nodes > 1 or fit is None:
             return self.nominal.collective_s(group, op, size_bytes)
         alpha, beta = fit
-        return alpha + beta * coll.BUS_FACTOR[op](group.size) * size_bytes
+        return (alpha + beta * coll.BUS_FACTOR[op](group.size) * size_bytes) * \
+            self._crowding(group.size)
 
     def p2p_s(self, crosses_node: bool, size_bytes: float) -> float:
         fit = self._comm("p2p", 2)
         if crosses_node or fit is None:
             return self.nominal.p2p_s(crosses_node, size_bytes)
-        return fit[0] + fit[1] * size_bytes
+        return (fit[0] + fit[1] * size_bytes) * self._crowding(2)
+
+    def _crowding(self, group_size: int) -> float:
+        """A collective of `group_size` ranks was measured with that many processes; in a
+        job of more processes sharing the machine its ranks get the cores as often as the
+        job's compute does, so it slows by the job's slowdown over the measured one."""
+        measured = _nearest(self.profile.concurrency, group_size, default=1.0)
+        return max(1.0, self.slowdown / measured)
 
     def _comm(self, op: str, n: int) -> tuple[float, float] | None:
         sizes = {int(k): v for k, v in self.profile.collectives.items() if op in v}

@@ -42,8 +42,9 @@ class CostModel(Protocol):
     def overhead_s(self, unit: str, backward: bool) -> float:
         """Host time an eager runtime spends per `unit` and micro-batch beyond its ops and
         messages: Python, module calls, autograd. Units: "layer", "stage" (per model chunk
-        call), and "layer:<mechanism>" for what a parallel mechanism adds to each layer
-        ("tp", "cp", "fsdp", "zero2", "moe", "ep")."""
+        call), "stage:pp" for what pipelining adds to each chunk call (sends, receives,
+        the schedule's bookkeeping), and "layer:<mechanism>" for what a parallel mechanism
+        adds to each layer ("tp", "cp", "fsdp", "zero2", "moe", "ep")."""
         ...
 
     def optimizer_s(self, optimizer: str, params: float, tensors: int) -> float:

@@ -67,8 +67,8 @@ def execution_notes(spec: ModelSpec, plan: Plan, device: str) -> list[str]:
         notes.append("tp_overlap is not applied: TP collectives are exposed")
     if plan.kernels == "fused":
         notes.append("kernels=fused: eager torch ops (no fused kernels yet)")
-    if plan.cp > 1:
-        notes.append("cp: ring attention computes score blocks in eager torch (not fused)")
+    if plan.cp > 1 and plan.attn == "unfused":
+        notes.append("attn=unfused: ring attention runs fused flash kernels per block")
     elif plan.attn == "unfused":
         notes.append("attn=unfused: scaled_dot_product_attention still picks a fused kernel")
     if plan.offload == "optimizer" and device == "cpu":

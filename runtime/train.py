@@ -96,6 +96,18 @@ def grad_reducer(chunks, mesh: Mesh) -> GradReducer:
                        keep_gathered=plan.zero in (1, 2))
 
 
+def pipeline_rank(pf: PlanFile, mesh: Mesh, chunks: dict[int, Transformer],
+                  device: torch.device) -> PipelineRank:
+    """This rank's executor of the plan's schedule over its model chunks."""
+    plan = mesh.plan
+    m = plan.micro_batches(pf.work.global_batch)
+    return PipelineRank(
+        chunks=chunks, schedule=build_schedule(plan.schedule, plan.pp, m, plan.vpp),
+        pp_rank=mesh.coord("pp"), peer=mesh.pp_peer,
+        act_shape=_act_shape(pf, plan), act_dtype=torch.float32, device=device,
+        loss_fn=loss_fn, grads=grad_reducer(chunks, mesh))
+
+
 def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     """Train for `opts.steps` steps; rank 0 returns the measured record."""
     device = _device(opts.device)
@@ -107,11 +119,7 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     work = pf.work
     optim = make_optimizer(work.optimizer, params, opts.lr)
     m = plan.micro_batches(work.global_batch)
-    rank = PipelineRank(
-        chunks=chunks, schedule=build_schedule(plan.schedule, plan.pp, m, plan.vpp),
-        pp_rank=mesh.coord("pp"), peer=mesh.pp_peer,
-        act_shape=_act_shape(pf, plan), act_dtype=torch.float32, device=device,
-        loss_fn=loss_fn, grads=grad_reducer(chunks, mesh))
+    rank = pipeline_rank(pf, mesh, chunks, device)
     data = _data(pf, opts)
     start = 0
     if opts.resume and opts.checkpoint_dir:

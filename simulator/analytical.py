@@ -215,7 +215,8 @@ class PlanCosts:
         return fwd, bwd
 
     def _cp_comm(self, attn_f: float, attn_b: float) -> tuple[float, float]:
-        """Ring attention: K/V blocks travel cp−1 hops, hidden behind blockwise attention."""
+        """Ring attention: K/V blocks travel cp−1 hops, hidden behind blockwise attention
+        (each rank computes its causal share; the flash kernels run per chunk pair)."""
         if self.plan.cp == 1:
             return 0.0, 0.0
         step = 2 * self.shard.tokens * kv_width(self.model, self.plan.tp) * self.shard.act_bytes
@@ -254,8 +255,9 @@ class PlanCosts:
         if first or last:
             ef, eb = self.ends_phase(first, last)
             fwd, bwd = fwd + ef, bwd + eb
-        fwd = fwd + Phase(compute=self.costs.overhead_s("stage", backward=False))
-        bwd = bwd + Phase(compute=self.costs.overhead_s("stage", backward=True))
+        for unit in ("stage", "stage:pp") if self.plan.pp > 1 else ("stage",):
+            fwd = fwd + Phase(compute=self.costs.overhead_s(unit, backward=False))
+            bwd = bwd + Phase(compute=self.costs.overhead_s(unit, backward=True))
         return fwd, bwd
 
     def ends_phase(self, first: bool, last: bool) -> tuple[Phase, Phase]:

@@ -10,7 +10,9 @@ issue account for (sharding propagation, Python, waits). Each is measured the wa
 with 1 and 3 layers, on a sequence so short that compute costs next to nothing; half the
 difference is one layer's forward and backward. `profile.py` subtracts what the cost
 model already prices for that layer (ops, messages, the plain layer's overhead) and keeps
-the rest. Rank 0 writes {mechanism: {"1": [fwd s, bwd s], "3": [...]}}.
+the rest. Pipelining is measured per model-chunk call instead: whole pipeline steps with
+2 and 6 micro-batches, whose difference over 4 is one micro-batch's share. Rank 0 writes
+{mechanism: {"1": [fwd s, bwd s], "3": [...]}, "pp": {"2": step s, "6": step s}}.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ MECHANISMS = {"tp": ("tiny-dense", "tp=2,sp=on"), "cp": ("tiny-dense", "cp=2"),
               "moe": ("tiny-moe", "dp=2"), "ep": ("tiny-moe", "dp=2,ep=2")}
 SEQ = 16
 REPS = 20
+PP_PLAN, PP_MICRO_BATCHES = "pp=2", (2, 6)
 
 
 def plan_file(mechanism: str, layers: int, processes: int) -> PlanFile:
@@ -81,6 +84,43 @@ def time_layers(pf: PlanFile, device) -> list[float]:
     return med.tolist()
 
 
+def pp_plan_file(micro_batches: int, processes: int) -> PlanFile:
+    """tiny-dense with one layer per pipeline stage, `micro_batches` micro-batches of 1."""
+    model = replace(load_model("tiny-dense"), n_layers=2)
+    plan = Plan.parse(f"{PP_PLAN},mbs=1,kernels=eager").resolve(processes)
+    work = TrainWorkload(seq_len=SEQ, global_batch=micro_batches * plan.dp, dtype="fp32")
+    return PlanFile(model=model, cluster=load_cluster("cpu", gpus=processes), work=work,
+                    plan=plan)
+
+
+def time_pipeline_step(pf: PlanFile, device) -> float:
+    """Seconds of one pipeline step (forward and backward of every micro-batch, no
+    optimizer): the slowest rank's median."""
+    import torch
+    import torch.distributed as dist
+
+    from meshplan.runtime.data import rank_micro_batches
+    from meshplan.runtime.mesh import build_mesh
+    from meshplan.runtime.train import build, pipeline_rank
+
+    plan = pf.plan
+    mesh = build_mesh(plan, device.type)
+    chunks = build(pf, mesh, 0, device)
+    rank = pipeline_rank(pf, mesh, chunks, device)
+    batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, SEQ + 1))
+    micro = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=1, cp_rank=0,
+                               mbs=plan.mbs, device=device)
+    times = []
+    for _ in range(REPS // 2 + 2):
+        dist.barrier()
+        t0 = time.perf_counter()
+        rank.step(micro)
+        times.append(time.perf_counter() - t0)
+    med = torch.tensor([sorted(times[2:])[REPS // 4]], dtype=torch.float64)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return med.item()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="meshplan.validate.mechbench")
     p.add_argument("out")
@@ -95,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         n = dist.get_world_size()
         record = {m: {str(layers): time_layers(plan_file(m, layers, n), device)
                       for layers in (1, 3)} for m in MECHANISMS}
+        record["pp"] = {str(m): time_pipeline_step(pp_plan_file(m, n), device)
+                        for m in PP_MICRO_BATCHES}
         if dist.get_rank() == 0:
             with open(a.out, "w") as f:
                 json.dump(record, f)

@@ -66,11 +66,10 @@ def fit_collectives(rows: list[list], n: int) -> dict[str, list[float]]:
     return out
 
 
-def concurrency_slowdown(together: list[list], alone: dict[tuple, float]) -> float:
-    """Median over shapes of (time with N processes at once) / (time alone); the median
-    resists a shape caught by interference from outside."""
-    ratios = [t / alone[(m, n, k)] for m, n, k, t in together if (m, n, k) in alone]
-    return float(np.median(ratios)) if ratios else 1.0
+def concurrency_slowdown(rows: list[list]) -> float:
+    """Median over shapes of commbench's together/alone ratios; the median resists a
+    shape caught by interference from outside."""
+    return float(np.median([r[3] for r in rows])) if rows else 1.0
 
 
 def measure(opts: ProfileOptions, say=print) -> dict:
@@ -88,7 +87,7 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     say("per-layer host overhead ...")  # what the tables just measured leave unexplained
     costs = CalibratedCosts(load_cluster("cpu", gpus=1), prof)
     prof = replace(prof, overheads=overheads(costs, opts.dtypes[0], device))
-    prof = replace(prof, **_shared_machine(opts, device, say))
+    prof = replace(prof, **_shared_machine(opts, say))
     if device.type == "cpu" and 2 in opts.processes:
         say("per-layer cost of each parallel mechanism with 2 processes ...")
         prof = mechanism_overheads(prof, _torchrun(2, "mechbench", []))
@@ -103,8 +102,9 @@ def mechanism_overheads(prof: HardwareProfile, record: dict) -> HardwareProfile:
     from meshplan.costmodels.calibrated import CalibratedCosts
     from meshplan.simulator.analytical import CostCache, prepare
 
-    from .mechbench import plan_file
+    from .mechbench import plan_file, pp_plan_file
 
+    pp = record.pop("pp", None)
     for mech, times in record.items():
         pf = plan_file(mech, 1, 2)
         costs = CalibratedCosts(pf.cluster, prof)
@@ -114,7 +114,26 @@ def mechanism_overheads(prof: HardwareProfile, record: dict) -> HardwareProfile:
         extra = [max(0.0, t - p) / costs.slowdown
                  for t, p in zip(per_layer, (f.total, b.total), strict=True)]
         prof = replace(prof, overheads={**prof.overheads, f"layer:{mech}": extra})
+    if pp:
+        prof = _pipeline_overhead(prof, pp, pp_plan_file)
     return prof
+
+
+def _pipeline_overhead(prof: HardwareProfile, steps: dict[str, float], plan_file
+                       ) -> HardwareProfile:
+    """Per model-chunk call: a micro-batch's measured share of the pipeline step less the
+    priced steady-state work of the busiest rank, over its chunks, half each way."""
+    from meshplan.costmodels.calibrated import CalibratedCosts
+    from meshplan.simulator.analytical import CostCache, prepare
+
+    (m1, t1), (m2, t2) = sorted((int(m), t) for m, t in steps.items())
+    pf = plan_file(m1, 2)
+    costs = CalibratedCosts(pf.cluster, prof)
+    priced = prepare(pf.model, pf.cluster, pf.work, pf.plan, CostCache(costs=costs))
+    per_mb = max(r.total for r in priced.rank_phases)
+    calls = len(priced.stage_layers) // pf.plan.pp
+    extra = max(0.0, (t2 - t1) / (m2 - m1) - per_mb) / calls / 2 / costs.slowdown
+    return replace(prof, overheads={**prof.overheads, "stage:pp": [extra, extra]})
 
 
 def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:
@@ -156,23 +175,14 @@ def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:
         source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs")
 
 
-def _shared_machine(opts: ProfileOptions, device, say) -> dict:
+def _shared_machine(opts: ProfileOptions, say) -> dict:
     """Collectives and the compute slowdown with 2..N processes at once."""
-    import torch
-
-    from . import microbench as mb
-    from .commbench import CONCURRENT_GEMMS
-
-    alone = {}
-    for m, n, k in CONCURRENT_GEMMS:
-        a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
-        alone[(m, n, k)] = mb.throughput_time_s(lambda a=a, b=b: a @ b.t(), device)
     collectives, concurrency = {}, {"1": 1.0}
     for n in opts.processes:
         say(f"collectives and shared compute with {n} processes ...")
         rec = _commbench(n, opts)
         collectives[str(n)] = fit_collectives(rec["collectives"], n)
-        concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
+        concurrency[str(n)] = concurrency_slowdown(rec["slowdown"])
     return {"collectives": collectives, "concurrency": concurrency}
 
 

@@ -107,6 +107,15 @@ def test_summary_errors_tau_and_fastest_gap():
     assert s["predicted_fastest"] == "c" and math.isclose(s["fastest_gap"], 2.0)
 
 
+def test_drift_scaled_prediction_keeps_the_unscaled_error():
+    # profiled at full speed; the machine ran the reference mix 1.25x slower around the run
+    row = Row(name="a", predicted_step_s=1.25 * 0.8, measured_step_s=1.0,
+              predicted_memory_bytes=1, measured_memory_bytes=None, machine_slowdown=1.25)
+    assert row.step_error == pytest.approx(0.0)
+    assert row.raw_step_error == pytest.approx(-0.2)
+    assert summary([row])["step_time_mape_without_drift"] == pytest.approx(0.2)
+
+
 def test_profile_then_validate_end_to_end(tmp_path, capsys):
     """The closed loop runs: profile this machine, run the short suite, report, and exit 4
     over a budget no prediction can meet (zero error)."""
@@ -157,3 +166,17 @@ def test_mechanism_overhead_is_the_layer_time_the_profile_does_not_price():
     dp = Plan.parse("dp=2,mbs=4")  # a plan without TP does not pay it
     assert simulate(model, cluster, work, dp, profile=fitted).step_time_s == \
         pytest.approx(simulate(model, cluster, work, dp, profile=prof).step_time_s)
+
+
+def test_a_small_group_in_a_crowded_job_slows_like_its_compute():
+    prof = replace_concurrency(synthetic(alpha=1e-4, beta=0.0), {"1": 1.0, "2": 1.0, "4": 2.0})
+    g = coll.Group(size=2, per_node=4)
+    alone = CalibratedCosts(load_cluster("cpu", gpus=2), prof).collective_s(g, "all_reduce", 8)
+    crowded = CalibratedCosts(load_cluster("cpu", gpus=4), prof).collective_s(g, "all_reduce", 8)
+    assert alone == pytest.approx(1e-4)
+    assert crowded == pytest.approx(2e-4)  # 4 processes on the machine, measured with 2
+
+
+def replace_concurrency(prof: HardwareProfile, table: dict[str, float]) -> HardwareProfile:
+    from dataclasses import replace
+    return replace(prof, concurrency=table)

@@ -5,8 +5,8 @@
 
 Times all-reduce, all-gather, reduce-scatter and all-to-all over sizes (the slowest rank's
 mean over a fixed number of repeats, the same on every rank), p2p as half a ping-pong
-between ranks 0 and 1, and how much the GEMMs of `CONCURRENT_GEMMS` slow when every rank
-runs them at once rather than alone (N processes sharing the machine). Rank 0 writes JSON.
+between ranks 0 and 1, and the GEMMs of `CONCURRENT_GEMMS` run by every rank at once, to
+measure how much compute slows when N processes share the machine. Rank 0 writes JSON.
 """
 
 from __future__ import annotations
@@ -82,29 +82,16 @@ def _ping_pong(buf: torch.Tensor, reps: int, device: torch.device) -> float:
     return _timed(once, reps, device) / 2
 
 
-def slowdown_rows(device: torch.device, rounds: int = 3) -> list[list]:
-    """[m, n, k, slowdown] for the GEMMs of `CONCURRENT_GEMMS`: seconds per GEMM with every
-    rank running it at once over seconds with the rank running it alone while the others
-    wait, measured back to back in each round (load from outside the job changes slowly,
-    so each ratio sees the same machine); the median over rounds and ranks."""
-    me, n = dist.get_rank(), dist.get_world_size()
+def concurrent_gemm_rows(device: torch.device) -> list[list]:
+    """[m, n, k, seconds] of fp32 GEMMs timed while every rank runs them at once."""
     rows = []
-    for m, nn, k in CONCURRENT_GEMMS:
-        a, b = torch.randn(m, k, device=device), torch.randn(nn, k, device=device)
-        ratios = []
-        for _ in range(rounds):
-            alone = 0.0
-            for turn in range(n):
-                dist.barrier()
-                if turn == me:
-                    alone = throughput_time_s(lambda a=a, b=b: a @ b.t(), device, min_s=0.1)
-            dist.barrier()
-            together = throughput_time_s(lambda a=a, b=b: a @ b.t(), device, min_s=0.1)
-            ratios.append(together / alone)
-        mine = torch.tensor(ratios, dtype=torch.float64, device=device)
-        every = [torch.empty_like(mine) for _ in range(n)]
-        dist.all_gather(every, mine)
-        rows.append([m, nn, k, float(torch.cat(every).median())])
+    for m, n, k in CONCURRENT_GEMMS:
+        a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+        dist.barrier()
+        t = torch.tensor([throughput_time_s(lambda a=a, b=b: a @ b.t(), device)],
+                         dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        rows.append([m, n, k, t.item() / dist.get_world_size()])
     return rows
 
 
@@ -125,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes = [int(s) for s in a.sizes.split(",")]
         record = {"processes": dist.get_world_size(),
                   "collectives": collective_rows(sizes, device),
-                  "slowdown": slowdown_rows(device)}
+                  "gemm": concurrent_gemm_rows(device)}
         if dist.get_rank() == 0:
             with open(a.out, "w") as f:
                 json.dump(record, f)

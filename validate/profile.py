@@ -66,10 +66,11 @@ def fit_collectives(rows: list[list], n: int) -> dict[str, list[float]]:
     return out
 
 
-def concurrency_slowdown(rows: list[list]) -> float:
-    """Median over shapes of commbench's together/alone ratios; the median resists a
-    shape caught by interference from outside."""
-    return float(np.median([r[3] for r in rows])) if rows else 1.0
+def concurrency_slowdown(together: list[list], alone: dict[tuple, float]) -> float:
+    """Median over shapes of (time in an N-process job, all ranks at once) / (time in this
+    process alone); the median resists a shape caught by interference from outside."""
+    ratios = [t / alone[(m, n, k)] for m, n, k, t in together if (m, n, k) in alone]
+    return float(np.median(ratios)) if ratios else 1.0
 
 
 def measure(opts: ProfileOptions, say=print) -> dict:
@@ -87,7 +88,7 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     say("per-layer host overhead ...")  # what the tables just measured leave unexplained
     costs = CalibratedCosts(load_cluster("cpu", gpus=1), prof)
     prof = replace(prof, overheads=overheads(costs, opts.dtypes[0], device))
-    prof = replace(prof, **_shared_machine(opts, say))
+    prof = replace(prof, **_shared_machine(opts, device, say))
     if device.type == "cpu" and 2 in opts.processes:
         say("per-layer cost of each parallel mechanism with 2 processes ...")
         prof = mechanism_overheads(prof, _torchrun(2, "mechbench", []))
@@ -175,15 +176,39 @@ def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:
         source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs")
 
 
-def _shared_machine(opts: ProfileOptions, say) -> dict:
-    """Collectives and the compute slowdown with 2..N processes at once."""
+def _shared_machine(opts: ProfileOptions, device, say) -> dict:
+    """Collectives and the compute slowdown with 2..N processes at once.
+
+    The slowdown is what the cost model needs: how much slower a GEMM runs on a rank of
+    an N-process job, all ranks busy, than in this profiling process, where the tables
+    were timed. (Timing a rank alone and together inside the job answers another
+    question: on this VM that ratio came out 0.97-1.05 for 2 processes while runtime
+    steps ran 20-40% slower than predicted with it.) This process times the GEMMs just
+    before and just after each job, so a drift of the shared machine in between is
+    averaged out."""
     collectives, concurrency = {}, {"1": 1.0}
     for n in opts.processes:
         say(f"collectives and shared compute with {n} processes ...")
+        before = _alone(device)
         rec = _commbench(n, opts)
+        after = _alone(device)
+        alone = {shape: (before[shape] + after[shape]) / 2 for shape in before}
         collectives[str(n)] = fit_collectives(rec["collectives"], n)
-        concurrency[str(n)] = concurrency_slowdown(rec["slowdown"])
+        concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
     return {"collectives": collectives, "concurrency": concurrency}
+
+
+def _alone(device) -> dict[tuple, float]:
+    import torch
+
+    from . import microbench as mb
+    from .commbench import CONCURRENT_GEMMS
+
+    out = {}
+    for m, n, k in CONCURRENT_GEMMS:
+        a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+        out[(m, n, k)] = mb.throughput_time_s(lambda a=a, b=b: a @ b.t(), device)
+    return out
 
 
 def peaks(p: HardwareProfile) -> dict[str, float]:

@@ -107,15 +107,6 @@ def test_summary_errors_tau_and_fastest_gap():
     assert s["predicted_fastest"] == "c" and math.isclose(s["fastest_gap"], 2.0)
 
 
-def test_drift_scaled_prediction_keeps_the_unscaled_error():
-    # profiled at full speed; the machine ran the reference mix 1.25x slower around the run
-    row = Row(name="a", predicted_step_s=1.25 * 0.8, measured_step_s=1.0,
-              predicted_memory_bytes=1, measured_memory_bytes=None, machine_slowdown=1.25)
-    assert row.step_error == pytest.approx(0.0)
-    assert row.raw_step_error == pytest.approx(-0.2)
-    assert summary([row])["step_time_mape_without_drift"] == pytest.approx(0.2)
-
-
 def test_profile_then_validate_end_to_end(tmp_path, capsys):
     """The closed loop runs: profile this machine, run the short suite, report, and exit 4
     over a budget no prediction can meet (zero error)."""

@@ -107,15 +107,20 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
+    sizes = [int(s) for s in a.sizes.split(",")]
+    run_worker(a.out, "nccl" if a.device == "cuda" else "gloo", lambda: {
+        "processes": dist.get_world_size(), "collectives": collective_rows(sizes, device),
+        "gemm": concurrent_gemm_rows(device)})
+
+
+def run_worker(out: str, backend: str, record) -> None:
+    """Join the torchrun job, build the record on every rank, rank 0 writes it as JSON."""
+    dist.init_process_group(backend)
     try:
-        sizes = [int(s) for s in a.sizes.split(",")]
-        record = {"processes": dist.get_world_size(),
-                  "collectives": collective_rows(sizes, device),
-                  "gemm": concurrent_gemm_rows(device)}
+        rec = record()
         if dist.get_rank() == 0:
-            with open(a.out, "w") as f:
-                json.dump(record, f)
+            with open(out, "w") as f:
+                json.dump(rec, f)
     finally:
         dist.destroy_process_group()
 

@@ -18,7 +18,6 @@ the rest. Pipelining is measured per model-chunk call instead: whole pipeline st
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 
@@ -128,20 +127,20 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # the worker needs torch; `plan_file` (used by the fit) does not
     import torch.distributed as dist
 
+    from .commbench import run_worker
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     device = torch.device("cpu")
-    try:
+
+    def record() -> dict:
         n = dist.get_world_size()
-        record = {m: {str(layers): time_layers(plan_file(m, layers, n), device)
-                      for layers in (1, 3)} for m in MECHANISMS}
-        record["pp"] = {str(m): time_pipeline_step(pp_plan_file(m, n), device)
-                        for m in PP_MICRO_BATCHES}
-        if dist.get_rank() == 0:
-            with open(a.out, "w") as f:
-                json.dump(record, f)
-    finally:
-        dist.destroy_process_group()
+        out: dict = {m: {str(layers): time_layers(plan_file(m, layers, n), device)
+                         for layers in (1, 3)} for m in MECHANISMS}
+        out["pp"] = {str(m): time_pipeline_step(pp_plan_file(m, n), device)
+                     for m in PP_MICRO_BATCHES}
+        return out
+
+    run_worker(a.out, "gloo", record)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ def _pairs(me: int, src: int, n: int):
 
 
 def _half(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Chunk `i` (0 or 1) of this rank's two along the sequence dim of [b, H, s, ...]."""
     n = x.shape[2] // 2
     return x[:, :, i * n:(i + 1) * n]
 
@@ -116,7 +117,7 @@ class _RingAttention(torch.autograd.Function):
             ke, ve = _expand(kv[0], heads), _expand(kv[1], heads)
             for qi, ki, causal in _pairs(me, (me - step) % n, n):
                 o_j, lse_j = _flash(_half(q, qi), _half(ke, ki), _half(ve, ki), causal, scale)
-                _merge(_half(out, qi), _half(lse[..., None], qi)[..., 0], o_j, lse_j)
+                _merge(_half(out, qi), _half(lse, qi), o_j, lse_j)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale = group, scale
@@ -132,7 +133,6 @@ class _RingAttention(torch.autograd.Function):
         k_blk, v_blk = k, v
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros_like(dk)
-        lse_h = lse[..., None]
         for step in range(n):
             if step:
                 k_blk, v_blk, dk, dv = _shift([k_blk, v_blk, dk, dv], group)
@@ -143,7 +143,7 @@ class _RingAttention(torch.autograd.Function):
                 g = _flash_bwd(_half(dout, qi).contiguous(), _half(q, qi).contiguous(),
                                _half(ke, ki).contiguous(), _half(ve, ki).contiguous(),
                                _half(out, qi).contiguous(),
-                               _half(lse_h, qi)[..., 0].contiguous(), causal, scale)
+                               _half(lse, qi).contiguous(), causal, scale)
                 _half(dq, qi).add_(g[0].float())
                 _half(dke, ki).add_(g[1].float())
                 _half(dve, ki).add_(g[2].float())

@@ -108,7 +108,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group):
         n, me, heads = dist.get_world_size(group), dist.get_rank(group), q.shape[1]
         scale = q.shape[-1] ** -0.5
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        out = torch.zeros_like(q, dtype=torch.float32)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         kv = [k, v]
         for step in range(n):
@@ -129,16 +129,16 @@ class _RingAttention(torch.autograd.Function):
         group, scale, heads = ctx.group, ctx.scale, q.shape[1]
         n, me = dist.get_world_size(group), dist.get_rank(group)
         dout = dout.contiguous()
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dq = torch.zeros_like(q, dtype=torch.float32)
         k_blk, v_blk = k, v
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dk = torch.zeros_like(k, dtype=torch.float32)
         dv = torch.zeros_like(dk)
         for step in range(n):
             if step:
                 k_blk, v_blk, dk, dv = _shift([k_blk, v_blk, dk, dv], group)
             ke, ve = _expand(k_blk, heads), _expand(v_blk, heads)
-            dke, dve = torch.zeros(ke.shape, dtype=torch.float32, device=ke.device), \
-                torch.zeros(ve.shape, dtype=torch.float32, device=ve.device)
+            dke = torch.zeros_like(ke, dtype=torch.float32)
+            dve = torch.zeros_like(ve, dtype=torch.float32)
             for qi, ki, causal in _pairs(me, (me - step) % n, n):
                 g = _flash_bwd(_half(dout, qi).contiguous(), _half(q, qi).contiguous(),
                                _half(ke, ki).contiguous(), _half(ve, ki).contiguous(),

@@ -186,13 +186,19 @@ class PlanCosts:
         return (Phase(compute=fwd, comm=comm_f),
                 Phase(compute=bwd, recompute=recompute, comm=comm_b))
 
+    @property
+    def regathers(self) -> bool:
+        """FSDP gathers the parameters for every forward and backward: ZeRO-3 without
+        pipelining (under PP they stay gathered for the step, as torchtitan does)."""
+        return self.plan.zero == 3 and self.plan.pp == 1
+
     def mechanisms(self, moe_layer: bool) -> list[str]:
         """The parallel mechanisms a layer of this plan runs through, each with its own
         per-layer host overhead in a calibrated profile (`validate/mechbench.py`)."""
         p = self.plan
         out = [f"layer:{m}" for m, on in (("tp", p.tp > 1), ("cp", p.cp > 1)) if on]
         if p.dp * p.cp > 1 and p.zero >= 1:
-            out.append("layer:fsdp" if p.zero == 3 and p.pp == 1 else "layer:zero2")
+            out.append("layer:fsdp" if self.regathers else "layer:zero2")
         if moe_layer:
             out += ["layer:moe"] + (["layer:ep"] if p.ep > 1 else [])
         return out
@@ -339,7 +345,7 @@ class PlanCosts:
         we, ge, oe = mem.model_state_bytes(expert, self.edp, p.zero, k)
         optimizer = 0.0 if p.offload == "optimizer" else od + oe
         # ZeRO-3 under pipelining: gathered for the whole step, 16-bit grads beside
-        gathered = 4 * (dense + expert) if p.zero == 3 and p.pp > 1 else 0.0
+        gathered = 4 * (dense + expert) if p.zero == 3 and not self.regathers else 0.0
         return wd + we, gd + ge, optimizer, gathered
 
     def rank_params(self, rank: int) -> tuple[float, float]:
@@ -354,7 +360,7 @@ class PlanCosts:
         dense, expert = self.rank_params(rank)
         weights, grads, optimizer, gathered = self.state_bytes(dense, expert)
         buffers = self.cluster.device.runtime_reserved_bytes + gathered
-        if p.zero == 3 and p.pp == 1:  # current and prefetched layer gathered, + their grads
+        if self.regathers:  # current and prefetched layer gathered, + their grads
             layer = (dense + expert) / max(1, sum(self.stage_layers[rank::p.pp]))
             buffers += 2 * 4 * layer
         return MemoryBreakdown(weights=weights, gradients=grads, optimizer=optimizer,
@@ -420,7 +426,7 @@ class PlanCosts:
                 grads = units * self.costs.collective_s(group, "reduce_scatter",
                                                         grad_bytes / units)
                 gather = units * self.costs.collective_s(group, "all_gather", grad_bytes / units)
-            if p.zero == 3 and p.pp == 1:  # FSDP: gather for every forward and backward
+            if self.regathers:
                 total += self.m * 2 * gather + grads
                 if p.dp_overlap:  # the next unit's gather runs under this one's compute
                     exposed += self.m * (max(gather / units, gather - phase_f)

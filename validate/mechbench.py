@@ -77,8 +77,15 @@ def time_layers(pf: PlanFile, device) -> list[float]:
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
-    med = torch.tensor([sorted(fwd[2:])[REPS // 2], sorted(bwd[2:])[REPS // 2]],
-                       dtype=torch.float64)
+    return _slowest_median(fwd[2:], bwd[2:])
+
+
+def _slowest_median(*samples: list[float]) -> list[float]:
+    """Per list of timings, the median on the slowest rank (the same on every rank)."""
+    import torch
+    import torch.distributed as dist
+
+    med = torch.tensor([sorted(t)[len(t) // 2] for t in samples], dtype=torch.float64)
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
     return med.tolist()
 
@@ -115,9 +122,7 @@ def time_pipeline_step(pf: PlanFile, device) -> float:
         t0 = time.perf_counter()
         rank.step(micro)
         times.append(time.perf_counter() - t0)
-    med = torch.tensor([sorted(times[2:])[REPS // 4]], dtype=torch.float64)
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+    return _slowest_median(times[2:])[0]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -100,41 +100,44 @@ def mechanism_overheads(prof: HardwareProfile, record: dict) -> HardwareProfile:
     measured layer less what the profile prices for it (ops, messages, the overheads
     fitted so far), as seconds of one process alone (the slowdown of sharing the machine
     is divided out; the cost model multiplies it back)."""
-    from meshplan.costmodels.calibrated import CalibratedCosts
-    from meshplan.simulator.analytical import CostCache, prepare
+    from .mechbench import plan_file
 
-    from .mechbench import plan_file, pp_plan_file
-
-    pp = record.pop("pp", None)
     for mech, times in record.items():
+        if mech == "pp":
+            continue
         pf = plan_file(mech, 1, 2)
-        costs = CalibratedCosts(pf.cluster, prof)
-        priced = prepare(pf.model, pf.cluster, pf.work, pf.plan, CostCache(costs=costs))
+        costs, priced = _priced(prof, pf)
         f, b = priced.layer_phase(pf.model.is_moe)
         per_layer = [(t3 - t1) / 2 for t1, t3 in zip(times["1"], times["3"], strict=True)]
         extra = [max(0.0, t - p) / costs.slowdown
                  for t, p in zip(per_layer, (f.total, b.total), strict=True)]
         prof = replace(prof, overheads={**prof.overheads, f"layer:{mech}": extra})
-    if pp:
-        prof = _pipeline_overhead(prof, pp, pp_plan_file)
+    if "pp" in record:
+        prof = _pipeline_overhead(prof, record["pp"])
     return prof
 
 
-def _pipeline_overhead(prof: HardwareProfile, steps: dict[str, float], plan_file
-                       ) -> HardwareProfile:
+def _pipeline_overhead(prof: HardwareProfile, steps: dict[str, float]) -> HardwareProfile:
     """Per model-chunk call: a micro-batch's measured share of the pipeline step less the
     priced steady-state work of the busiest rank, over its chunks, half each way."""
-    from meshplan.costmodels.calibrated import CalibratedCosts
-    from meshplan.simulator.analytical import CostCache, prepare
+    from .mechbench import pp_plan_file
 
     (m1, t1), (m2, t2) = sorted((int(m), t) for m, t in steps.items())
-    pf = plan_file(m1, 2)
-    costs = CalibratedCosts(pf.cluster, prof)
-    priced = prepare(pf.model, pf.cluster, pf.work, pf.plan, CostCache(costs=costs))
+    pf = pp_plan_file(m1, 2)
+    costs, priced = _priced(prof, pf)
     per_mb = max(r.total for r in priced.rank_phases)
     calls = len(priced.stage_layers) // pf.plan.pp
     extra = max(0.0, (t2 - t1) / (m2 - m1) - per_mb) / calls / 2 / costs.slowdown
     return replace(prof, overheads={**prof.overheads, "stage:pp": [extra, extra]})
+
+
+def _priced(prof: HardwareProfile, pf):
+    """(calibrated costs, the analytical engine's costs of this plan file) under `prof`."""
+    from meshplan.costmodels.calibrated import CalibratedCosts
+    from meshplan.simulator.analytical import CostCache, prepare
+
+    costs = CalibratedCosts(pf.cluster, prof)
+    return costs, prepare(pf.model, pf.cluster, pf.work, pf.plan, CostCache(costs=costs))
 
 
 def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:

@@ -32,7 +32,7 @@ from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError, require
 
 from . import collectives as coll
-from .costs import OPTIMIZER_BYTES_PER_PARAM, NominalCosts
+from .costs import OPTIMIZER_BYTES_PER_PARAM, OVERLAP_SLOWDOWN, NominalCosts
 from .flops import eager_factor
 
 FORMAT, VERSION = "meshplan-profile", 1
@@ -169,6 +169,10 @@ class CalibratedCosts:
             return self.memory_s(params * OPTIMIZER_BYTES_PER_PARAM[optimizer], kernels=4)
         per_tensor, per_param = fit
         return (tensors * per_tensor + params * per_param) * self.slowdown
+
+    def overlap_slowdown(self) -> float:
+        """Not measured by the profile yet: the nominal model's published average."""
+        return OVERLAP_SLOWDOWN
 
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         """The measured time of the runtime's implementation of the op when profiled (it

@@ -17,24 +17,43 @@ from meshplan.planner.space import SearchSpace
 from meshplan.planner.whatif import WhatIfRow
 from meshplan.planner.whatif import whatif as _whatif
 from meshplan.simulator.analytical import CostCache, simulate_analytical
+from meshplan.simulator.des import DesOptions, DesRun, simulate_des
 
-ENGINES = ("analytical",)
+ENGINES = ("analytical", "des")
 
 
 def simulate(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan | str,
-             engine: str = "analytical", profile: HardwareProfile | None = None) -> SimResult:
+             engine: str = "analytical", profile: HardwareProfile | None = None,
+             options: DesOptions | None = None) -> SimResult:
     """Predict one training step of `plan` (a Plan or its text form), with the calibrated
-    cost model when a hardware `profile` (from `meshplan profile`) is given.
+    cost model when a hardware `profile` (from `meshplan profile`) is given. `engine`:
+    "analytical" (closed forms, microseconds) or "des" (the event engine: overlap, link
+    sharing, what-ifs in `options`; `simulate_run` also returns its timeline).
 
     Raises SpecError for a plan that cannot run at all (degrees, divisibility); a plan that
     runs out of memory returns `fits=False` with the reason in `violations`.
     """
-    if isinstance(plan, str):
-        plan = Plan.parse(plan)
     if engine not in ENGINES:
-        raise SpecError("engine", f"{engine!r} is not available yet; engines: {list(ENGINES)}")
-    return simulate_analytical(model, cluster, work, plan,
+        raise SpecError("engine", f"{engine!r} is not an engine; engines: {list(ENGINES)}")
+    if engine == "des":
+        return simulate_run(model, cluster, work, plan, profile, options).result
+    if options is not None:
+        raise SpecError("options", "what-if options need engine='des'")
+    return simulate_analytical(model, cluster, work, _plan(plan),
                                CostCache(costs=costs_for(cluster, profile)))
+
+
+def simulate_run(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+                 plan: Plan | str, profile: HardwareProfile | None = None,
+                 options: DesOptions | None = None) -> DesRun:
+    """The event engine's whole answer: result, per-rank per-stream spans (for a Chrome
+    trace, `simulator.trace.chrome_trace`), per-rank breakdown and link utilisation."""
+    return simulate_des(model, cluster, work, _plan(plan),
+                        CostCache(costs=costs_for(cluster, profile)), options)
+
+
+def _plan(plan: Plan | str) -> Plan:
+    return Plan.parse(plan) if isinstance(plan, str) else plan
 
 
 def _objective(objective: str | Objective, token_budget: float | None,

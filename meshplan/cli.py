@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from meshplan.api import ENGINES, search, simulate, whatif
+from meshplan.api import ENGINES, search, simulate, simulate_run, whatif
 from meshplan.core.errors import SpecError, require
 from meshplan.core.plan import Plan, parse_value
 from meshplan.core.planfile import PlanFile
@@ -30,12 +30,15 @@ from meshplan.planner.search import NoFeasiblePlan
 from meshplan.planner.space import SearchSpace
 from meshplan.report import (
     cluster_table,
+    des_table,
     measured_table,
     model_table,
     search_table,
     sim_table,
     whatif_table,
 )
+from meshplan.simulator.des import DesOptions, DesRun
+from meshplan.simulator.trace import chrome_trace
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
@@ -75,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--plan", help='e.g. "tp=8,pp=2,mbs=1,recompute=selective"')
     sim.add_argument("--plan-file", help="a plan file from search --out (needs nothing else)")
     sim.add_argument("--engine", default="analytical", choices=list(ENGINES))
+    sim.add_argument("--trace", help="write a Chrome/Perfetto trace (engine des)")
+    sim.add_argument("--timeline", help="write a timeline PNG (engine des)")
+    sim.add_argument("--straggler", action="append", default=[], metavar="RANK:FRACTION",
+                     help="what-if: global rank computes FRACTION slower, e.g. 17:0.2 "
+                     "(engine des; repeatable)")
+    sim.add_argument("--link-scale", action="append", default=[], metavar="TIER=FACTOR",
+                     help="what-if: nvlink, nic or pcie bandwidth times FACTOR, e.g. nic=0.5 "
+                     "(engine des; repeatable)")
     sim.add_argument("--profile", help="hardware profile from `meshplan profile` (calibrated "
                      "cost model)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
@@ -169,16 +180,60 @@ def _simulate(args: argparse.Namespace) -> int:
         require(bool(args.plan), "plan", "give --plan or --plan-file")
         model, cluster, work = _load(args)
         plan = Plan.parse(args.plan)
-    result = simulate(model, cluster, work, plan, engine=args.engine,
-                      profile=load_profile(args.profile))
+    profile = load_profile(args.profile)
+    des_args = bool(args.trace or args.timeline or args.straggler or args.link_scale)
+    require(args.engine == "des" or not des_args, "engine",
+            "--trace, --timeline, --straggler and --link-scale need --engine des")
+    run = None
+    if args.engine == "des":
+        run = simulate_run(model, cluster, work, plan, profile, _des_options(args))
+        result = run.result
+        _write_des_outputs(args, run)
+    else:
+        result = simulate(model, cluster, work, plan, profile=profile)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
         print(sim_table(model, cluster, work, result))
+        if run is not None:
+            print(des_table(run))
     if not result.fits:
         print(f"meshplan: error: {'; '.join(result.violations)}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     return 0
+
+
+def _des_options(args: argparse.Namespace) -> DesOptions:
+    stragglers, scale = [], []
+    for item in args.straggler:
+        rank, sep, frac = item.partition(":")
+        require(bool(sep) and rank.strip().isdigit(), "straggler",
+                f"{item!r} is not RANK:FRACTION (e.g. 17:0.2)")
+        stragglers.append((int(rank), _number("straggler", frac)))
+    for item in args.link_scale:
+        tier, sep, factor = item.partition("=")
+        require(bool(sep), "link-scale", f"{item!r} is not TIER=FACTOR (e.g. nic=0.5)")
+        scale.append((tier.strip(), _number("link-scale", factor)))
+    return DesOptions(stragglers=tuple(stragglers), link_scale=tuple(scale))
+
+
+def _number(field: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SpecError(field, f"{text!r} is not a number") from None
+
+
+def _write_des_outputs(args: argparse.Namespace, run: DesRun) -> None:
+    if args.trace:
+        with open(args.trace, "w") as f:
+            json.dump(chrome_trace(run), f)
+        print(f"meshplan: wrote {args.trace} ({len(run.spans)} spans)", file=sys.stderr)
+    if args.timeline:
+        from meshplan.plots import timeline_plot
+
+        timeline_plot(run, args.timeline)
+        print(f"meshplan: wrote {args.timeline}", file=sys.stderr)
 
 
 _SPACE_INT = ("tp", "pp", "cp", "ep", "etp", "vpp", "mbs", "zero")

@@ -8,6 +8,7 @@ from meshplan.core.results import SimResult
 from meshplan.core.workload import TrainWorkload
 from meshplan.planner.search import SearchResult, dollars_per_million_tokens
 from meshplan.planner.whatif import WhatIfRow
+from meshplan.simulator.des import CATEGORIES, DesRun
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -66,6 +67,17 @@ def sim_table(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, r: Si
         ("activations", m.activations), ("kv cache", m.kv_cache), ("buffers", m.buffers))]
     return "\n\n".join([head + summary, _table(["time", "seconds", "share"], times),
                         _table(["memory", "bytes"], mems)])
+
+
+def des_table(run: DesRun, links: int = 8) -> str:
+    """The event engine's per-rank breakdown and its busiest links."""
+    rows = [[label] + [f"{spent[k]:.3f}" for k in CATEGORIES] + [f"{sum(spent.values()):.3f}"]
+            for label, spent in zip(run.ranks, run.per_rank_s, strict=True)]
+    per_rank = _table(["rank", *CATEGORIES, "total s"], rows)
+    busiest = sorted(run.link_utilisation.items(), key=lambda kv: -kv[1])[:links]
+    util = _table(["link (tier:rank:direction)", "busy"],
+                  [[k, f"{v * 100:.1f}%"] for k, v in busiest])
+    return "\n\n".join([per_rank, util, f"{run.events:,} events"])
 
 
 def search_table(found: SearchResult, cluster: ClusterSpec) -> str:

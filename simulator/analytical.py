@@ -62,6 +62,42 @@ class Phase:
         return self.compute + self.recompute + self.comm
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerParts:
+    """One transformer layer for one micro-batch on one rank: compute seconds (with the
+    runtime's per-layer overheads) and its communication as it would take alone. The
+    analytical engine folds them into `Phase`s; the event engine runs them as they overlap.
+    """
+
+    fwd: float
+    bwd: float
+    gemm_f: float  # forward GEMMs (each backward repeats them twice: input and weight grads)
+    attn_f: float
+    attn_b: float
+    tp_f: float
+    tp_b: float
+    tp_overlap: bool  # TP chunked against the GEMMs (Megatron --tp-comm-overlap)
+    cp_ring: float  # forward ring passes; backward sends twice as much
+    ep: float  # one all-to-all (dispatch or combine)
+    recompute: float
+
+    def exposed(self) -> tuple[float, float]:
+        """Communication seconds not hidden, (forward, backward): TP behind the GEMMs when
+        overlapped, the ring behind blockwise attention, EP all-to-alls always."""
+        tp_f, tp_b = self.tp_f, self.tp_b
+        if self.tp_overlap:
+            tp_f, tp_b = max(0.0, tp_f - self.gemm_f), max(0.0, tp_b - 2 * self.gemm_f)
+        cp_f = max(0.0, self.cp_ring - self.attn_f)
+        cp_b = max(0.0, 2 * self.cp_ring - self.attn_b)
+        return tp_f + cp_f + 2 * self.ep, tp_b + cp_b + 2 * self.ep
+
+    @property
+    def phases(self) -> tuple[Phase, Phase]:
+        comm_f, comm_b = self.exposed()
+        return (Phase(compute=self.fwd, comm=comm_f),
+                Phase(compute=self.bwd, recompute=self.recompute, comm=comm_b))
+
+
 def ops_time_s(costs: CostModel, dtype: str, ops: list[Op], eager: bool = False) -> float:
     """Seconds for a list of ops. FP8 applies to GEMMs; attention runs in 16-bit."""
     attn_dtype = "bf16" if dtype == "fp8" else dtype
@@ -143,11 +179,14 @@ class PlanCosts:
         return out
 
     def layer_phase(self, moe_layer: bool) -> tuple[Phase, Phase]:
+        return self.layer_parts(moe_layer).phases
+
+    def layer_parts(self, moe_layer: bool) -> LayerParts:
         p = self.plan
         key = (self.shard, p.recompute, p.tp_overlap, p.kernels, moe_layer,
                tuple(self.mechanisms(moe_layer)))
         if key not in self.cache.layer:
-            self.cache.layer[key] = self._layer_phase(moe_layer)
+            self.cache.layer[key] = self._layer_parts(moe_layer)
         return self.cache.layer[key]
 
     def layer_acts(self, recompute: str, moe_layer: bool) -> float:
@@ -162,8 +201,8 @@ class PlanCosts:
         return ops_time_s(self.costs, dtype or self.dtype, ops, self.plan.kernels == "eager")
 
     # ---- per-layer costs -------------------------------------------------------
-    def _layer_phase(self, moe_layer: bool) -> tuple[Phase, Phase]:
-        """(forward, backward) of one layer for one micro-batch, recompute in backward."""
+    def _layer_parts(self, moe_layer: bool) -> LayerParts:
+        """One layer's compute and raw communication for one micro-batch."""
         ops = layer_ops(self.model, self.shard, moe_layer)
         if self.dtype == "fp8":
             ops += fp8_casts(ops)
@@ -173,18 +212,18 @@ class PlanCosts:
         attn = [o for o in ops if o.kind == "attn" or o.name in ("qk", "pv", "softmax")]
         attn_f = self._time(attn)
         attn_b = self._time(backward(attn))
-        tp_f, tp_b = self._tp_comm(gemm_f)
-        cp_f, cp_b = self._cp_comm(attn_f, attn_b)
-        ep = self._ep_comm() if moe_layer else 0.0
-        comm_f, comm_b = tp_f + cp_f + ep, tp_b + cp_b + ep
         for unit in ("layer", *self.mechanisms(moe_layer)):
             fwd += self.costs.overhead_s(unit, backward=False)
             bwd += self.costs.overhead_s(unit, backward=True)
-        recompute = {"full": fwd + comm_f, "selective": attn_f, "none": 0.0,
+        tp = self._tp_comm()
+        parts = LayerParts(fwd=fwd, bwd=bwd, gemm_f=gemm_f, attn_f=attn_f, attn_b=attn_b,
+                           tp_f=tp, tp_b=tp, tp_overlap=self.plan.tp_overlap,
+                           cp_ring=self._cp_ring(),
+                           ep=self._ep_comm() if moe_layer else 0.0, recompute=0.0)
+        recompute = {"full": fwd + parts.exposed()[0], "selective": attn_f, "none": 0.0,
                      "op": gemm_f / 2 + self._time([o for o in ops if o.kind == "mem"])}[
             self.plan.recompute]
-        return (Phase(compute=fwd, comm=comm_f),
-                Phase(compute=bwd, recompute=recompute, comm=comm_b))
+        return replace(parts, recompute=recompute)
 
     @property
     def regathers(self) -> bool:
@@ -203,11 +242,11 @@ class PlanCosts:
             out += ["layer:moe"] + (["layer:ep"] if p.ep > 1 else [])
         return out
 
-    def _tp_comm(self, gemm_fwd_s: float) -> tuple[float, float]:
+    def _tp_comm(self) -> float:
         """Megatron TP: 2 all-reduces per layer each way; with SP, 2 all-gathers and 2
-        reduce-scatters of the same bytes (Korthikanti §4.2.2)."""
+        reduce-scatters of the same bytes (Korthikanti §4.2.2). Seconds one way."""
         if self.plan.tp == 1:
-            return 0.0, 0.0
+            return 0.0
         nbytes = self.shard.tokens * self.model.hidden_size * self.shard.act_bytes
         g = self.tp_group
         if self.plan.sp:
@@ -215,30 +254,27 @@ class PlanCosts:
                 self.costs.collective_s(g, "reduce_scatter", nbytes)
         else:
             one = self.costs.collective_s(g, "all_reduce", nbytes)
-        fwd = bwd = 2 * one
-        if self.plan.tp_overlap:  # chunked against the GEMMs (Megatron --tp-comm-overlap)
-            fwd, bwd = max(0.0, fwd - gemm_fwd_s), max(0.0, bwd - 2 * gemm_fwd_s)
-        return fwd, bwd
+        return 2 * one
 
-    def _cp_comm(self, attn_f: float, attn_b: float) -> tuple[float, float]:
-        """Ring attention: K/V blocks travel cp−1 hops, hidden behind blockwise attention
-        (each rank computes its causal share; the flash kernels run per chunk pair)."""
+    def _cp_ring(self) -> float:
+        """Ring attention: K/V blocks travel cp−1 hops in forward (twice that in backward,
+        K/V and their gradients), hidden behind blockwise attention (each rank computes
+        its causal share; the flash kernels run per chunk pair)."""
         if self.plan.cp == 1:
-            return 0.0, 0.0
+            return 0.0
         step = 2 * self.shard.tokens * kv_width(self.model, self.plan.tp) * self.shard.act_bytes
         crosses = self.cp_group.nodes > 1
-        ring = (self.plan.cp - 1) * self.costs.p2p_s(crosses, step)
-        return max(0.0, ring - attn_f), max(0.0, 2 * ring - attn_b)
+        return (self.plan.cp - 1) * self.costs.p2p_s(crosses, step)
 
     def _ep_comm(self) -> float:
-        """Dispatch and combine all-to-alls, each way (GShard; Megatron-Core MoE)."""
+        """One of the dispatch and combine all-to-alls each way (GShard; Megatron-Core MoE)."""
         if self.plan.ep == 1:
             return 0.0
         moe = self.model.moe
         assert moe is not None
         nbytes = (self.shard.tokens * moe.top_k * self.model.hidden_size * self.shard.act_bytes
                   * self.plan.etp / self.plan.tp)
-        return 2 * self.costs.collective_s(self.ep_group, "all_to_all", nbytes)
+        return self.costs.collective_s(self.ep_group, "all_to_all", nbytes)
 
     # ---- stages -----------------------------------------------------------------
     def _stage_kinds(self, stage: int) -> tuple[int, int]:
@@ -492,7 +528,7 @@ def simulate_analytical(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkl
 
 
 def assemble(cm: PlanCosts) -> SimResult:
-    plan, work, model, cluster = cm.plan, cm.work, cm.model, cm.cluster
+    plan = cm.plan
     ranks = cm.rank_phases
     worst = max(range(plan.pp), key=lambda r: ranks[r].total)
     t_max = ranks[worst].total
@@ -511,6 +547,15 @@ def assemble(cm: PlanCosts) -> SimResult:
     time = TimeBreakdown(compute=cm.m * w.compute, recompute=cm.m * w.recompute,
                          exposed_comm=cm.m * w.comm + p2p + dp_exposed, bubble=fill,
                          offload=offload_s, optimizer=opt_s)
+    return summarise(cm, step, time, {"dp_total": dp_total, "dp_exposed": dp_exposed,
+                                      "pp_p2p": p2p, "layers_exposed": cm.m * w.comm})
+
+
+def summarise(cm: PlanCosts, step: float, time: TimeBreakdown, comm_s: dict[str, float],
+              engine: str = "analytical") -> SimResult:
+    """A SimResult from a step time and its breakdown: throughput, MFU (PaLM, Chowdhery et
+    al. 2022 App. B), and the plan's peak memory and violations."""
+    plan, work, model, cluster = cm.plan, cm.work, cm.model, cm.cluster
     peak_mem = cm.peak_memory()
     tokens = work.tokens_per_step
     model_flops = model_flops_per_token(model, work.seq_len) * tokens
@@ -529,7 +574,7 @@ def assemble(cm: PlanCosts) -> SimResult:
         memory=peak_mem,
         time=time,
         plan=plan,
-        comm_s={"dp_total": dp_total, "dp_exposed": dp_exposed, "pp_p2p": p2p,
-                "layers_exposed": cm.m * w.comm},
+        engine=engine,
+        comm_s=comm_s,
         violations=tuple(str(v) for v in violations),
     )

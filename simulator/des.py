@@ -1,0 +1,564 @@
+"""Discrete-event engine (SimPy): one training step as it unfolds in time.
+
+Where the analytical engine adds up closed forms, this engine executes the plan: every
+simulated rank runs its pipeline schedule's action list (`core.schedule`, the same IR the
+runtime executes) on a compute stream, and each communication has a stream of its own:
+- TP collectives after the layer's compute (or under its GEMMs with `tp_overlap`), CP ring
+  K/V passes under blockwise attention, EP dispatch and combine all-to-alls;
+- pipeline sends on a send stream, received when they arrive;
+- DP gradient buckets (DDP, 25 MiB) or FSDP units reduced as the last micro-batch's
+  backward frees them; FSDP all-gathers prefetched one unit ahead (ZeRO-3 every pass,
+  ZeRO-1/2 and ZeRO-3 under PP on the first forward);
+- the optimizer step once a rank's gradients are reduced, host offload copies after it.
+Every flow loads its rank's links (NVLink/NVSwitch port, NIC, PCIe; directional) and
+shares them max-min fairly with the other flows there (`fluid.py`); compute that overlaps
+a flow of its rank runs slower by the cost model's `overlap_slowdown`.
+
+Scale by symmetry: data-parallel replicas and TP/CP ranks run the same program on the same
+kinds of links, so one replica's `pp` ranks stand for all of them (a collective's time
+already holds its group's size and tiers). A straggler breaks the symmetry: its replica
+becomes a class of its own, simulated beside the representative one, and every DP
+collective waits for both. Within a replica the slowest TP/CP rank sets the pace, since
+they synchronise every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import simpy
+
+from meshplan.core.cluster import ClusterSpec
+from meshplan.core.errors import require
+from meshplan.core.model import ModelSpec
+from meshplan.core.plan import Plan
+from meshplan.core.results import SimResult, TimeBreakdown
+from meshplan.core.schedule import Action, PipelineSchedule, build_schedule
+from meshplan.core.workload import TrainWorkload
+from meshplan.costmodels import collectives as coll
+
+from .analytical import DDP_BUCKET_BYTES, CostCache, LayerParts, PlanCosts, prepare, summarise
+from .fluid import Fluid, Job, Link
+
+CATEGORIES = ("compute", "recompute", "exposed_comm", "bubble", "offload", "optimizer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DesOptions:
+    """What-ifs and switches of the event engine.
+
+    stragglers: (global rank, fraction slower), e.g. ((17, 0.2),): rank 17 computes 20%
+    slower. Global ranks count TP fastest, then CP, DP and PP (Megatron's order).
+    link_scale: (tier, factor) with tier "nvlink", "nic" or "pcie": that link of every
+    rank at factor × its bandwidth (0.5: a degraded link).
+    interference: compute slowdown while the rank communicates; None: the cost model's.
+    """
+
+    stragglers: tuple[tuple[int, float], ...] = ()
+    link_scale: tuple[tuple[str, float], ...] = ()
+    interference: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Span:
+    rank: int  # simulated rank (class · pp + pipeline rank)
+    stream: str  # compute, tp, cp, ep, dp, pp, offload
+    name: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DesRun:
+    result: SimResult
+    spans: tuple[Span, ...]
+    ranks: tuple[str, ...]  # label of each simulated rank
+    per_rank_s: tuple[dict[str, float], ...]  # CATEGORIES per simulated rank
+    link_utilisation: dict[str, float]  # mean busy fraction of each link over the step
+    events: int  # SimPy events processed
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Flow:
+    name: str
+    stream: str
+    alone_s: float
+    demands: tuple[tuple[str, str, float], ...]  # (tier, direction, bytes/s at full speed)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Block:
+    """Compute and flows that start together; the block ends when all have ended."""
+
+    compute_s: float = 0.0
+    kind: str = "compute"  # or "recompute"
+    flows: tuple[_Flow, ...] = ()
+    gather: bool = False  # wait for this layer's FSDP all-gather first
+    grads_ready: bool = False  # a layer's gradients are complete after this block
+
+
+# ---- links --------------------------------------------------------------------------
+
+def _tier_of(group: coll.Group) -> str:
+    return "nic" if group.nodes > 1 else "nvlink"
+
+
+def _capacity(cluster: ClusterSpec) -> dict[str, float]:
+    node = cluster.node
+    nvlink = max(node.intra_bw_bytes_per_s * node.intra_efficiency,
+                 node.intra_allreduce_busbw_bytes_per_s)
+    return {"nvlink": nvlink,
+            "nic": cluster.nic_bw_per_gpu_bytes_per_s * node.nic_efficiency,
+            "pcie": node.pcie_bw_bytes_per_s}
+
+
+class _Pricer:
+    """Flows of one plan: time alone from the cost model, link loads from NCCL's bus
+    bytes (`collectives.BUS_FACTOR`), never more than a link carries."""
+
+    def __init__(self, cm: PlanCosts):
+        self.cm, self.cap = cm, _capacity(cm.cluster)
+
+    def collective(self, stream: str, group: coll.Group, op: coll.Collective,
+                   size: float, alone_s: float | None = None) -> tuple[_Flow, ...]:
+        if group.size <= 1 or size <= 0:
+            return ()
+        t = self.cm.costs.collective_s(group, op, size) if alone_s is None else alone_s
+        if t <= 0:
+            return ()
+        n, g = group.size, group.per_node
+        if op == "all_to_all":
+            intra, inter = (g - 1) / n * size, (n - g) / n * size
+        else:
+            vol = coll.BUS_FACTOR[op](n) * size
+            intra = vol if group.nodes == 1 or g > 1 else 0.0
+            inter = vol / g if group.nodes > 1 else 0.0
+            if group.nodes > 1 and self.cm.cluster.span_tier(g, n) == "spine":
+                inter *= self.cm.cluster.network.oversubscription
+        loads = []
+        for tier, vol in (("nvlink", intra), ("nic", inter)):
+            if vol > 0:
+                rate = min(self.cap[tier], vol / t)
+                loads += [(tier, "out", rate), (tier, "in", rate)]
+        return (_Flow(name=f"{op} {stream}({n})", stream=stream, alone_s=t,
+                      demands=tuple(loads)),)
+
+    def send(self, nbytes: float, crosses: bool) -> _Flow:
+        tier = "nic" if crosses else "nvlink"
+        t = self.cm.costs.p2p_s(crosses, nbytes)
+        rate = min(self.cap[tier], nbytes / t) if t > 0 else 0.0
+        return _Flow(name="send", stream="pp", alone_s=t,
+                     demands=((tier, "out", rate), (tier, "in", rate)))
+
+
+# ---- the program of one stage --------------------------------------------------------
+
+def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, split_w: bool
+                  ) -> tuple[list[_Block], list[_Block], list[_Block]]:
+    """(forward, backward, weight-gradient) blocks of one layer for one micro-batch."""
+    tp = lambda t: pr.collective("tp", cm.tp_group, "all_reduce", 1.0, t)  # noqa: E731
+    ring = lambda t: pr.collective("cp", cm.cp_group, "p2p", 1.0, t)  # noqa: E731
+    ep = pr.collective("ep", cm.ep_group, "all_to_all", 1.0, parts.ep) if moe else ()
+    fwd: list[_Block] = [_Block(gather=True)]
+    rest = parts.fwd
+    if parts.cp_ring:
+        fwd.append(_Block(compute_s=parts.attn_f, flows=ring(parts.cp_ring)))
+        rest -= parts.attn_f
+    if parts.tp_f and parts.tp_overlap:
+        fwd.append(_Block(compute_s=parts.gemm_f, flows=tp(parts.tp_f)))
+        rest -= parts.gemm_f
+    fwd.append(_Block(compute_s=rest))
+    if parts.tp_f and not parts.tp_overlap:
+        fwd.append(_Block(flows=tp(parts.tp_f)))
+    fwd += [_Block(flows=ep), _Block(flows=ep)] if ep else []
+
+    weight = parts.gemm_f if split_w else 0.0  # weight-gradient GEMMs = the forward's
+    bwd: list[_Block] = [_Block(gather=True)]
+    if parts.recompute:
+        bwd.append(_Block(compute_s=parts.recompute, kind="recompute"))
+    rest = parts.bwd - weight
+    bwd += [_Block(flows=ep), _Block(flows=ep)] if ep else []
+    if parts.cp_ring:
+        bwd.append(_Block(compute_s=parts.attn_b, flows=ring(2 * parts.cp_ring)))
+        rest -= parts.attn_b
+    if parts.tp_b and parts.tp_overlap:
+        tp_gemm = min(2 * parts.gemm_f, rest)
+        bwd.append(_Block(compute_s=tp_gemm, flows=tp(parts.tp_b)))
+        rest -= tp_gemm
+    bwd.append(_Block(compute_s=rest, grads_ready=not split_w))
+    if parts.tp_b and not parts.tp_overlap:
+        bwd.append(_Block(flows=tp(parts.tp_b)))
+    wgt = [_Block(compute_s=weight, grads_ready=True)] if split_w else []
+    return fwd, bwd, wgt
+
+
+@dataclass(kw_only=True)
+class _StageProgram:
+    fwd: list[_Block]
+    bwd: list[_Block]
+    wgt: list[_Block]
+    layers: int
+
+
+def _stage_program(cm: PlanCosts, pr: _Pricer, stage: int, split_w: bool) -> _StageProgram:
+    dense, moe = cm.kinds[stage]
+    last = len(cm.stage_layers) - 1
+    first_s, last_s = stage == 0, stage == last
+    ef, eb = cm.ends_phase(first_s, last_s) if (first_s or last_s) else (None, None)
+    units = ("stage", "stage:pp") if cm.plan.pp > 1 else ("stage",)
+    over_f = sum(cm.costs.overhead_s(u, backward=False) for u in units)
+    over_b = sum(cm.costs.overhead_s(u, backward=True) for u in units)
+    fwd, bwd, wgt = [_Block(compute_s=over_f + (ef.compute if ef else 0.0))], [], []
+    kinds = [False] * dense + [True] * moe
+    per_layer = {k: _layer_blocks(cm.layer_parts(k), pr, cm, k, split_w) for k in set(kinds)}
+    for k in kinds:
+        fwd += per_layer[k][0]
+    for k in reversed(kinds):
+        bwd += per_layer[k][1]
+        wgt += per_layer[k][2]
+    bwd.insert(0, _Block(compute_s=over_b))
+    if eb is not None:
+        bwd.append(_Block(compute_s=eb.compute))
+    return _StageProgram(fwd=_merge(fwd), bwd=_merge(bwd), wgt=_merge(wgt), layers=len(kinds))
+
+
+def _merge(blocks: list[_Block]) -> list[_Block]:
+    """Fold runs of plain compute blocks into one (fewer events, same times)."""
+    out: list[_Block] = []
+    for b in blocks:
+        if b == _Block():
+            continue
+        prev = out[-1] if out else None
+        plain = not (b.flows or b.gather or b.grads_ready)
+        if (prev is not None and plain and not prev.flows and not prev.grads_ready
+                and prev.kind == b.kind):
+            out[-1] = replace(prev, compute_s=prev.compute_s + b.compute_s)
+        else:
+            out.append(b)
+    return out
+
+
+# ---- the engine ---------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class _Rank:
+    index: int
+    cls: int
+    pp: int
+    slow: float  # compute time factor
+    spent: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0.0))
+    layers_ready: int = 0  # layers whose gradients are complete this step
+    gathers_done: int = 0
+    gathers_used: int = 0
+    end_s: float | None = None
+    # each fires when the counter beside it grows, then is replaced
+    ready: simpy.Event | None = None
+    gathered: simpy.Event | None = None
+    used: simpy.Event | None = None
+    dp_done: simpy.Event | None = None
+
+
+def _bump(env: simpy.Environment, rank: _Rank, attr: str) -> None:
+    old = getattr(rank, attr)
+    setattr(rank, attr, env.event())
+    old.succeed()
+
+
+class _Engine:
+    def __init__(self, cm: PlanCosts, schedule: PipelineSchedule, opts: DesOptions):
+        self.cm, self.sched, self.opts = cm, schedule, opts
+        self.env = simpy.Environment()
+        self.pr = _Pricer(cm)
+        plan = cm.plan
+        self.split_w = any(a.kind == "W" for a in schedule.actions[0])
+        self.programs = [_stage_program(cm, self.pr, s, self.split_w)
+                         for s in range(len(cm.stage_layers))]
+        self.classes = self._classes()
+        self.ranks = [_Rank(index=c * plan.pp + r, cls=c, pp=r, slow=self.classes[c][r])
+                      for c in range(len(self.classes)) for r in range(plan.pp)]
+        scale = dict(opts.link_scale)
+        for tier, k in opts.link_scale:
+            require(tier in self.pr.cap and k > 0, "options.link_scale",
+                    f"{tier}={k}: tiers are {sorted(self.pr.cap)} and factors > 0")
+        capacity: dict[Link, float] = {
+            (t, r.index, d): bw * scale.get(t, 1.0) for r in self.ranks
+            for t, bw in self.pr.cap.items() for d in ("out", "in")}
+        slowdown = opts.interference
+        if slowdown is None:
+            slowdown = cm.costs.overlap_slowdown()
+        self.fluid = Fluid(self.env, capacity, slowdown)
+        self.fluid.on_end = self._record
+        self.spans: list[Span] = []
+        self.arrivals: dict[tuple, simpy.Event] = {}
+        self.barriers: dict[tuple, list[simpy.Event]] = {}
+        self.gather_units, self.grad_units = self._dp_units()
+
+    def _classes(self) -> list[list[float]]:
+        """Compute factor per (class, pipeline rank); class 0 is every healthy replica."""
+        plan, n = self.cm.plan, self.cm.cluster.n_gpus
+        per_replica: dict[int, dict[int, float]] = defaultdict(dict)
+        for rank, frac in self.opts.stragglers:
+            require(0 <= rank < n and frac >= 0, "options.stragglers",
+                    f"rank {rank} slower by {frac}: ranks are 0..{n - 1}, fractions >= 0")
+            inner = plan.tp * plan.cp
+            pp_idx, rest = divmod(rank, plan.dp * inner)
+            row = per_replica[rest // inner]
+            row[pp_idx] = max(row.get(pp_idx, 1.0), 1.0 + frac)
+        out = [[1.0] * plan.pp] if len(per_replica) < plan.dp else []
+        for dp_idx in sorted(per_replica):
+            out.append([per_replica[dp_idx].get(r, 1.0) for r in range(plan.pp)])
+        return out
+
+    # ---- data parallelism -----------------------------------------------------------
+    def _dp_units(self) -> tuple[dict[int, list[tuple[_Flow, ...]]],
+                                 dict[int, list[tuple[int, tuple[_Flow, ...]]]]]:
+        """Per pipeline rank: the all-gathers of one pass over its layers, in order (the
+        first also gathers the root unit: embedding, final norm, head), and the gradient
+        reductions with how many of the rank's layers each waits for. Units as the
+        analytical engine prices them (`PlanCosts.dp_exposed_s`)."""
+        cm, plan = self.cm, self.cm.plan
+        elem = 4 if cm.work.dtype == "fp32" else 2
+        gathers: dict[int, list[tuple[_Flow, ...]]] = {}
+        grads: dict[int, list[tuple[int, tuple[_Flow, ...]]]] = {}
+        for r in range(plan.pp):
+            dense, expert = cm.rank_params(r)
+            layers = max(1, sum(cm.stage_layers[r::plan.pp]))
+            per_group_g, per_group_r = [], []
+            for params, group in ((dense, cm.dp_group), (expert, cm.edp_group)):
+                nbytes = elem * params
+                if group.size <= 1 or params == 0:
+                    continue
+                if plan.zero == 0:
+                    units = max(1, math.ceil(nbytes / DDP_BUCKET_BYTES))
+                    flows = self.pr.collective("dp", group, "all_reduce", nbytes / units)
+                    per_group_r.append([(min(layers, math.ceil((k + 1) * layers / units)),
+                                         flows) for k in range(units)])
+                    continue
+                units = layers + 1
+                rs = self.pr.collective("dp", group, "reduce_scatter", nbytes / units)
+                per_group_r.append([(min(k + 1, layers), rs) for k in range(units)])
+                t = cm.costs.collective_s(group, "all_gather", nbytes / units)
+                per_group_g.append([self.pr.collective("dp", group, "all_gather",
+                                                       nbytes / units, t * (2 if k == 0 else 1))
+                                    for k in range(layers)])
+            # dense and expert units in the order their layers complete (stable sort)
+            grads[r] = sorted((u for units in per_group_r for u in units), key=lambda u: u[0])
+            gathers[r] = [tuple(f for g in unit for f in g)
+                          for unit in zip(*per_group_g, strict=True)]
+        return gathers, grads
+
+    def _run_flows(self, rank: _Rank, flows: tuple[_Flow, ...], peer: _Rank | None = None
+                   ) -> simpy.Event:
+        dst = peer if peer is not None else rank
+        events = []
+        for f in flows:
+            demands = {(tier, (rank if d == "out" else dst).index, d): rate
+                       for tier, d, rate in f.demands}
+            job = Job(work_s=f.alone_s, rank=rank.index, demands=demands,
+                      ranks=tuple(sorted({rank.index, dst.index})), name=f.name,
+                      stream=f.stream)
+            events.append(self.fluid.run(job))
+        return self.env.all_of(events)
+
+    def _collective(self, rank: _Rank, key: tuple, flows: tuple[_Flow, ...]):
+        """A DP collective starts once every class has reached it (stragglers included)."""
+        if len(self.classes) > 1:
+            waiting = self.barriers.setdefault(key, [])
+            ev = self.env.event()
+            waiting.append(ev)
+            if len(waiting) == len(self.classes):
+                for e in waiting:
+                    e.succeed()
+            yield ev
+        yield self._run_flows(rank, flows)
+
+    def _dp_stream(self, rank: _Rank):
+        """Reduce gradient units as the rank's layers finish their last backward."""
+        for i, (need, flows) in enumerate(self.grad_units[rank.pp]):
+            while rank.layers_ready < need:
+                yield rank.ready
+            yield from self._collective(rank, ("grad", rank.pp, i), flows)
+        assert rank.dp_done is not None
+        rank.dp_done.succeed()
+
+    def _gather_stream(self, rank: _Rank, uses: int):
+        """FSDP all-gathers, at most one unit ahead of the layer computing."""
+        units = self.gather_units[rank.pp]
+        for k in range(uses):
+            while rank.gathers_used < k - 1:
+                yield rank.used
+            yield self._run_flows(rank, units[k % len(units)])
+            rank.gathers_done += 1
+            _bump(self.env, rank, "gathered")
+
+    # ---- compute stream ---------------------------------------------------------------
+    def _wait(self, rank: _Rank, event: simpy.Event, category: str):
+        t0 = self.env.now
+        yield event
+        rank.spent[category] += self.env.now - t0
+
+    def _blocks(self, rank: _Rank, blocks: list[_Block], gathering: bool, grad_pass: bool,
+                name: str):
+        t_start = self.env.now
+        for b in blocks:
+            if b.gather and gathering:
+                yield from self._use_gather(rank)
+            t0 = self.env.now
+            comm = self._run_flows(rank, b.flows) if b.flows else None
+            if b.compute_s:
+                yield self.fluid.run(Job(work_s=b.compute_s * rank.slow, rank=rank.index))
+                rank.spent[b.kind] += self.env.now - t0
+            if comm is not None:
+                t1 = self.env.now
+                yield comm
+                rank.spent["exposed_comm"] += self.env.now - t1
+            if b.grads_ready and grad_pass:
+                rank.layers_ready += 1
+                _bump(self.env, rank, "ready")
+        self.spans.append(Span(rank=rank.index, stream="compute", name=name,
+                               start_s=t_start, end_s=self.env.now))
+
+    def _use_gather(self, rank: _Rank):
+        if self.cm.plan.dp_overlap:
+            while rank.gathers_done <= rank.gathers_used:
+                yield from self._wait(rank, rank.gathered, "exposed_comm")
+        else:
+            units = self.gather_units[rank.pp]
+            flows = units[rank.gathers_used % len(units)]
+            yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
+        rank.gathers_used += 1
+        _bump(self.env, rank, "used")
+
+    def _rank_proc(self, rank: _Rank):
+        cm, plan = self.cm, self.cm.plan
+        grads_at = "W" if self.split_w else "B"
+        last_mb = {a.stage: a.microbatch for a in self.sched.actions[rank.pp]
+                   if a.kind == grads_at}
+        has_gathers = bool(self.gather_units[rank.pp])
+        seen: set[int] = set()
+        for a in self.sched.actions[rank.pp]:
+            k = a.kind
+            if k in ("F", "B", "W"):
+                prog = self.programs[a.stage]
+                blocks = {"F": prog.fwd, "B": prog.bwd, "W": prog.wgt}[k]
+                if k == "F":
+                    gathering = has_gathers and (cm.regathers or a.stage not in seen)
+                    seen.add(a.stage)
+                else:
+                    gathering = has_gathers and k == "B" and cm.regathers
+                grad_pass = k == grads_at and a.microbatch == last_mb[a.stage]
+                yield from self._blocks(rank, blocks, gathering, grad_pass, str(a))
+            elif k in ("SF", "SB"):
+                self._send(rank, a)
+            elif k in ("RF", "RB"):
+                key = ("F" if k == "RF" else "B", a.stage, a.microbatch)
+                yield from self._wait(rank, self._arrival(rank.cls, key), "bubble")
+            elif k == "RG":
+                yield from self._reduce_grads(rank)
+            elif k == "OPT":
+                yield from self._optimizer(rank)
+        rank.end_s = self.env.now
+        del plan
+
+    def _arrival(self, cls: int, key: tuple) -> simpy.Event:
+        full = (cls, *key)
+        if full not in self.arrivals:
+            self.arrivals[full] = self.env.event()
+        return self.arrivals[full]
+
+    def _send(self, rank: _Rank, a: Action) -> None:
+        """Start a pipeline send (it never blocks the compute stream, as with isend)."""
+        cm = self.cm
+        to_stage = a.stage + 1 if a.kind == "SF" else a.stage - 1
+        peer = self.ranks[rank.cls * cm.plan.pp + self.sched.rank_of(to_stage)]
+        nbytes = cm.shard.sp_tokens * cm.model.hidden_size * cm.shard.act_bytes
+        done = self._run_flows(rank, (self.pr.send(nbytes, cm.pp_crosses_node),), peer)
+        arrival = self._arrival(rank.cls, ("F" if a.kind == "SF" else "B", to_stage,
+                                           a.microbatch))
+        done.callbacks.append(lambda _e: arrival.succeed())
+
+    def _reduce_grads(self, rank: _Rank):
+        if self.cm.plan.dp_overlap:
+            assert rank.dp_done is not None
+            yield from self._wait(rank, rank.dp_done, "exposed_comm")
+            return
+        for i, (_need, flows) in enumerate(self.grad_units[rank.pp]):
+            t0 = self.env.now
+            yield from self._collective(rank, ("grad", rank.pp, i), flows)
+            rank.spent["exposed_comm"] += self.env.now - t0
+
+    def _optimizer(self, rank: _Rank):
+        opt_s, offload_s = self.cm.optimizer_s(rank.pp)
+        t0 = self.env.now
+        if opt_s:
+            yield self.fluid.run(Job(work_s=opt_s * rank.slow, rank=rank.index))
+            rank.spent["optimizer"] += self.env.now - t0
+            self.spans.append(Span(rank=rank.index, stream="compute", name="OPT",
+                                   start_s=t0, end_s=self.env.now))
+        if offload_s:  # grads down and parameters up over PCIe, Adam on the host
+            t0 = self.env.now
+            cap = self.pr.cap["pcie"]
+            yield self.fluid.run(Job(
+                work_s=offload_s, rank=rank.index, ranks=(rank.index,),
+                demands={("pcie", rank.index, d): cap for d in ("out", "in")},
+                name="optimizer offload", stream="offload"))
+            rank.spent["offload"] += self.env.now - t0
+
+    def _record(self, job: Job) -> None:
+        if job.is_flow:
+            self.spans.append(Span(rank=job.rank, stream=job.stream, name=job.name,
+                                   start_s=job.start_s, end_s=self.env.now))
+
+    # ---- run ---------------------------------------------------------------------------
+    def run(self) -> float:
+        for rank in self.ranks:
+            for attr in ("ready", "gathered", "used", "dp_done"):
+                setattr(rank, attr, self.env.event())
+            self.env.process(self._rank_proc(rank))
+            if self.cm.plan.dp_overlap and self.grad_units[rank.pp]:
+                self.env.process(self._dp_stream(rank))
+            else:
+                rank.dp_done.succeed()  # type: ignore[union-attr]
+            if self.gather_units[rank.pp] and self.cm.plan.dp_overlap:
+                self.env.process(self._gather_stream(rank, self._gather_uses(rank)))
+        self.env.run()
+        stuck = [r.index for r in self.ranks if r.end_s is None]
+        if stuck:
+            raise RuntimeError(f"the event engine stalled: ranks {stuck} never finished")
+        return max(r.end_s or 0.0 for r in self.ranks)
+
+    def _gather_uses(self, rank: _Rank) -> int:
+        """Layer passes on this rank that wait for an all-gather in one step."""
+        cm = self.cm
+        layers = sum(self.programs[s].layers
+                     for s in range(rank.pp, len(self.programs), cm.plan.pp))
+        return 2 * layers * self.sched.n_microbatches if cm.regathers else layers
+
+
+def _schedule(cm: PlanCosts) -> PipelineSchedule:
+    plan = cm.plan
+    return build_schedule(plan.schedule, plan.pp, cm.m, plan.vpp)
+
+
+def simulate_des(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,
+                 cache: CostCache | None = None, options: DesOptions | None = None) -> DesRun:
+    """Run one training step of `plan` through the event engine."""
+    cm = prepare(model, cluster, work, plan, cache)
+    eng = _Engine(cm, _schedule(cm), options or DesOptions())
+    step = eng.run()
+    for r in eng.ranks:
+        r.spent["bubble"] += step - (r.end_s or 0.0)
+    worst = max(eng.ranks, key=lambda r: r.spent["compute"] + r.spent["recompute"])
+    time = TimeBreakdown(**{k: worst.spent[k] for k in CATEGORIES})
+    dp = [s for s in eng.spans if s.stream == "dp" and s.rank == worst.index]
+    result = summarise(cm, step, time, engine="des",
+                       comm_s={"dp_total": sum(s.end_s - s.start_s for s in dp)})
+    util = {f"{t}:{r}:{d}": b / (eng.fluid.capacity[(t, r, d)] * step)
+            for (t, r, d), b in sorted(eng.fluid.link_bytes.items()) if step > 0}
+    many = len(eng.classes) > 1
+    labels = tuple(f"class {r.cls} pp {r.pp}" if many else f"pp {r.pp}" for r in eng.ranks)
+    return DesRun(result=result, spans=tuple(eng.spans), ranks=labels,
+                  per_rank_s=tuple(dict(r.spent) for r in eng.ranks),
+                  link_utilisation=util, events=eng.fluid.events)

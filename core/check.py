@@ -74,10 +74,10 @@ def _check_pipeline(model, work, plan, bad) -> None:
         elif sum(plan.stage_layers) != model.n_layers:
             bad("plan.stage_layers", f"sums to {sum(plan.stage_layers)}, model has "
                 f"{model.n_layers} layers")
-    if plan.vpp > 1 and plan.schedule != "interleaved":
+    if plan.vpp > 1 and plan.schedule != "interleaved":  # zb is ZB-H1: one chunk per rank
         bad("plan.schedule", f"vpp={plan.vpp} needs schedule=interleaved, got {plan.schedule}")
-    if plan.schedule in ("zb", "dualpipe"):
-        bad("plan.schedule", f"{plan.schedule} is not modelled yet (gpipe, 1f1b, interleaved)")
+    if plan.schedule == "dualpipe":
+        bad("plan.schedule", "dualpipe is not modelled yet (gpipe, 1f1b, interleaved, zb)")
     m = plan.micro_batches(work.global_batch) if plan.dp * plan.mbs else 0
     if plan.vpp > 1 and m % plan.pp:
         bad("plan.vpp", f"interleaving needs micro-batches ({m}) divisible by pp ({plan.pp})")

@@ -87,8 +87,11 @@ def build_schedule(name: str, pp: int, n_microbatches: int, vpp: int = 1) -> Pip
                 f"the interleaved schedule needs micro-batches ({n_microbatches}) "
                 f"divisible by pp ({pp})")
         order = [_interleaved_order(pp, vpp, r, n_microbatches) for r in range(pp)]
+    elif name == "zb":
+        order = _zb_h1_orders(pp, n_microbatches)
+        vpp = 1
     else:
-        raise ValueError(f"schedule {name!r} is not in the IR yet (gpipe, 1f1b, interleaved)")
+        raise ValueError(f"schedule {name!r} is not in the IR yet (gpipe, 1f1b, interleaved, zb)")
     actions = tuple(_with_comm(rank_order, pp, vpp, r) for r, rank_order in enumerate(order))
     return PipelineSchedule(name=name, n_ranks=pp, n_chunks=vpp,
                             n_microbatches=n_microbatches, actions=actions)
@@ -136,12 +139,39 @@ def _interleaved_order(p: int, v: int, rank: int, m: int) -> list[Step]:
     return out
 
 
+def _zb_h1_orders(p: int, m: int) -> list[list[Step]]:
+    """ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", §3.1, Fig. 3): backward
+    split into B (input gradient, on the critical path) and W (weight gradient, free to
+    move). Rank i warms up as 1F1B does (p − i − 1 forwards), then runs F, B and a W
+    deferred by i micro-batches, so the later ranks' Ws fill the 1F1B drain; every rank
+    then holds at most p micro-batches (1F1B's first-rank peak). With equal F, B and W
+    the bubble is (p−1)(T_F + T_B − T_W), a third of 1F1B's (p−1)(T_F + T_B + T_W)."""
+    orders = []
+    for i in range(p):
+        warm = min(p - i - 1, m)
+        out: list[Step] = [("F", 0, j) for j in range(warm)]
+        f, w = warm, 0
+        for b in range(m):
+            if f < m:
+                out.append(("F", 0, f))
+                f += 1
+            out.append(("B", 0, b))
+            if b >= i:
+                out.append(("W", 0, w))
+                w += 1
+        out += [("W", 0, j) for j in range(w, m)]
+        orders.append(out)
+    return orders
+
+
 def _with_comm(order: list[Step], p: int, v: int, rank: int) -> tuple[Action, ...]:
     last = p * v - 1
     out: list[Action] = []
     for kind, chunk, mb in order:
         stage = chunk * p + rank
-        if kind == "F":
+        if kind == "W":
+            out.append(Action(kind="W", stage=stage, microbatch=mb))
+        elif kind == "F":
             if stage > 0:
                 out.append(Action(kind="RF", stage=stage, microbatch=mb))
             out.append(Action(kind="F", stage=stage, microbatch=mb))
@@ -162,16 +192,18 @@ def _with_comm(order: list[Step], p: int, v: int, rank: int) -> tuple[Action, ..
 def peak_inflight(schedule: PipelineSchedule, rank: int) -> dict[int, int]:
     """Most micro-batches whose activations a rank holds at once, per stage it owns.
 
-    Forward stores a micro-batch's activations; its backward frees them. The total over
+    Forward stores a micro-batch's activations; its backward frees them (its W pass, when
+    the schedule splits backward: the weight gradients need the layers' inputs). The total over
     stages at the worst moment is `peak_inflight_total`.
     """
     live: dict[int, int] = {}
     peak: dict[int, int] = {}
+    frees = "W" if splits_backward(schedule) else "B"
     for a in schedule.actions[rank]:
         if a.kind == "F":
             live[a.stage] = live.get(a.stage, 0) + 1
             peak[a.stage] = max(peak.get(a.stage, 0), live[a.stage])
-        elif a.kind == "B":
+        elif a.kind == frees:
             live[a.stage] -= 1
     return peak
 
@@ -180,21 +212,23 @@ def peak_inflight_weighted(schedule: PipelineSchedule, rank: int,
                            weight: dict[int, float]) -> float:
     """Largest sum over live micro-batches of `weight[stage]` (activation bytes, say)."""
     live = best = 0.0
+    frees = "W" if splits_backward(schedule) else "B"
     for a in schedule.actions[rank]:
         if a.kind == "F":
             live += weight[a.stage]
             best = max(best, live)
-        elif a.kind == "B":
+        elif a.kind == frees:
             live -= weight[a.stage]
     return best
 
 
-def execute(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence[float]
-            ) -> list[list[tuple[Action, float, float]]]:
+def execute(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence[float],
+            wgt_s: Sequence[float] | None = None) -> list[list[tuple[Action, float, float]]]:
     """Run the IR with per-stage compute times and free communication.
 
     Each rank runs its actions in order; F(s, i) waits for F(s-1, i), B(s, i) for B(s+1, i)
-    and F(s, i). Returns per rank the (action, start, end) of its compute actions. Raises
+    and F(s, i), W(s, i) for B(s, i). `wgt_s` prices W where the schedule splits backward
+    (then `bwd_s` is the input-gradient part only). Returns per rank the (action, start, end) of its compute actions. Raises
     on deadlock, so it also checks that a schedule is well formed.
     """
     done: dict[tuple[str, int, int], float] = {}
@@ -216,7 +250,13 @@ def execute(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence[
                 if any(d not in done for d in deps):
                     break
                 start = max([clock[r]] + [done[d] for d in deps])
-                cost = fwd_s[a.stage] if a.kind == "F" else bwd_s[a.stage]
+                if a.kind == "W":
+                    require(wgt_s is not None, "schedule",
+                            f"{schedule.name} has W passes: give their times (wgt_s)")
+                    assert wgt_s is not None
+                    cost = wgt_s[a.stage]
+                else:
+                    cost = fwd_s[a.stage] if a.kind == "F" else bwd_s[a.stage]
                 clock[r] = start + cost
                 done[(a.kind, a.stage, a.microbatch)] = clock[r]
                 spans[r].append((a, start, clock[r]))
@@ -231,6 +271,8 @@ def execute(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence[
 
 
 def _deps(a: Action, last: int) -> list[tuple[str, int, int]]:
+    if a.kind == "W":
+        return [("B", a.stage, a.microbatch)]
     if a.kind == "F":
         return [("F", a.stage - 1, a.microbatch)] if a.stage > 0 else []
     deps = [("F", a.stage, a.microbatch)]
@@ -239,14 +281,25 @@ def _deps(a: Action, last: int) -> list[tuple[str, int, int]]:
     return deps
 
 
-def makespan(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence[float]) -> float:
-    return max((s[-1][2] for s in execute(schedule, fwd_s, bwd_s) if s), default=0.0)
+def makespan(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence[float],
+             wgt_s: Sequence[float] | None = None) -> float:
+    return max((s[-1][2] for s in execute(schedule, fwd_s, bwd_s, wgt_s) if s), default=0.0)
+
+
+def splits_backward(schedule: PipelineSchedule) -> bool:
+    """Whether backward runs as B (input gradients) and W (weight gradients) passes."""
+    return any(a.kind == "W" for a in schedule.actions[0])
 
 
 def grid(schedule: PipelineSchedule, fwd_units: int = 1, bwd_units: int = 2) -> str:
-    """Text chart: one row per rank, one column per time unit (F=1, B=2 by default)."""
+    """Text chart: one row per rank, one column per time unit (F=1, B=2 by default; split
+    backward passes take half of B's units each)."""
     n = schedule.n_stages
-    spans = execute(schedule, [float(fwd_units)] * n, [float(bwd_units)] * n)
+    if splits_backward(schedule):  # B and W share the backward's units
+        half = [bwd_units / 2] * n
+        spans = execute(schedule, [float(fwd_units)] * n, half, half)
+    else:
+        spans = execute(schedule, [float(fwd_units)] * n, [float(bwd_units)] * n)
     width = int(max(s[-1][2] for s in spans if s))
     cell = max(len(str(a)) for rank in spans for a, _, _ in rank) + 1
     rows = []

@@ -38,6 +38,10 @@ def refuse_unsupported_plan(spec: ModelSpec, plan: Plan, cuda: bool) -> None:
     if spec.tied_embeddings and (plan.tp > 1 or plan.pp > 1):
         raise SpecError("model.tied_embeddings", f"tied embeddings with tp={plan.tp}, "
                         f"pp={plan.pp}: the runtime ties them only without TP and PP")
+    if plan.schedule == "zb" and plan.pp > 1:
+        raise SpecError("plan.schedule", "zb (ZB-H1) splits backward into input- and "
+                        "weight-gradient passes, which the runtime's pipeline does not yet "
+                        "run; the simulators model it")
     if spec.qk_norm and plan.tp > 1:
         raise SpecError("model.qk_norm", f"QK-norm with tp={plan.tp} is not built yet")
     if plan.expert_placement is not None and spec.moe is not None:

@@ -247,7 +247,7 @@ class PlanCosts:
         reduce-scatters of the same bytes (Korthikanti §4.2.2). Seconds one way."""
         if self.plan.tp == 1:
             return 0.0
-        nbytes = self.shard.tokens * self.model.hidden_size * self.shard.act_bytes
+        nbytes = self.tp_bytes
         g = self.tp_group
         if self.plan.sp:
             one = self.costs.collective_s(g, "all_gather", nbytes) + \
@@ -262,19 +262,32 @@ class PlanCosts:
         its causal share; the flash kernels run per chunk pair)."""
         if self.plan.cp == 1:
             return 0.0
-        step = 2 * self.shard.tokens * kv_width(self.model, self.plan.tp) * self.shard.act_bytes
         crosses = self.cp_group.nodes > 1
-        return (self.plan.cp - 1) * self.costs.p2p_s(crosses, step)
+        return (self.plan.cp - 1) * self.costs.p2p_s(crosses, self.cp_step_bytes)
 
     def _ep_comm(self) -> float:
         """One of the dispatch and combine all-to-alls each way (GShard; Megatron-Core MoE)."""
         if self.plan.ep == 1:
             return 0.0
-        moe = self.model.moe
-        assert moe is not None
-        nbytes = (self.shard.tokens * moe.top_k * self.model.hidden_size * self.shard.act_bytes
-                  * self.plan.etp / self.plan.tp)
-        return self.costs.collective_s(self.ep_group, "all_to_all", nbytes)
+        return self.costs.collective_s(self.ep_group, "all_to_all", self.ep_bytes)
+
+    # message sizes of one layer and micro-batch
+    @property
+    def tp_bytes(self) -> float:
+        """One TP collective's buffer: the layer's activations (Korthikanti §4.2.2)."""
+        return self.shard.tokens * self.model.hidden_size * self.shard.act_bytes
+
+    @property
+    def cp_step_bytes(self) -> float:
+        """One ring pass: this rank's K and V blocks."""
+        return 2 * self.shard.tokens * kv_width(self.model, self.plan.tp) * self.shard.act_bytes
+
+    @property
+    def ep_bytes(self) -> float:
+        """One dispatch (or combine) all-to-all: top-k copies of the tokens' activations."""
+        top_k = self.model.moe.top_k if self.model.moe else 0
+        return (self.shard.tokens * top_k * self.model.hidden_size * self.shard.act_bytes
+                * self.plan.etp / self.plan.tp)
 
     # ---- stages -----------------------------------------------------------------
     def _stage_kinds(self, stage: int) -> tuple[int, int]:
@@ -332,6 +345,14 @@ class PlanCosts:
                 seen[sig] = total
             out.append(seen[sig])
         return out
+
+    def rank_wgrad_s(self, rank: int) -> float:
+        """Seconds of one micro-batch's weight-gradient GEMMs on a rank (as long as the
+        forward GEMMs); what a split-backward schedule can move into the bubble."""
+        dense = sum(self.kinds[s][0] for s in range(rank, len(self.stage_layers), self.plan.pp))
+        moe = sum(self.kinds[s][1] for s in range(rank, len(self.stage_layers), self.plan.pp))
+        out = dense * self.layer_parts(False).gemm_f
+        return out + (moe * self.layer_parts(True).gemm_f if moe else 0.0)
 
     def p2p_s(self) -> float:
         """One pipeline send; steady-state sends hide behind compute, fill/drain's do not."""
@@ -533,6 +554,11 @@ def assemble(cm: PlanCosts) -> SimResult:
     worst = max(range(plan.pp), key=lambda r: ranks[r].total)
     t_max = ranks[worst].total
     fill = (sum(r.total for r in ranks) - t_max) / plan.vpp
+    if plan.schedule == "zb" and plan.pp > 1:
+        # ZB-H1 (Qi et al. 2023 §3.1): weight-gradient passes fill the drain, so each
+        # rank's fill/drain costs T_F + T_B − T_W instead of T_F + T_B + T_W
+        w = [cm.rank_wgrad_s(r) for r in range(plan.pp)]
+        fill -= 2 * (sum(w) - w[worst])
     p2p = 2 * (plan.pp - 1) * cm.p2p_s() if plan.pp > 1 else 0.0
     pipeline = cm.m * t_max + fill + p2p
 

@@ -122,7 +122,8 @@ class _Pricer:
         self.cm, self.cap = cm, _capacity(cm.cluster)
 
     def collective(self, stream: str, group: coll.Group, op: coll.Collective,
-                   size: float, alone_s: float | None = None) -> tuple[_Flow, ...]:
+                   size: float, alone_s: float | None = None, label: str = ""
+                   ) -> tuple[_Flow, ...]:
         if group.size <= 1 or size <= 0:
             return ()
         t = self.cm.costs.collective_s(group, op, size) if alone_s is None else alone_s
@@ -142,7 +143,7 @@ class _Pricer:
             if vol > 0:
                 rate = min(self.cap[tier], vol / t)
                 loads += [(tier, "out", rate), (tier, "in", rate)]
-        return (_Flow(name=f"{op} {stream}({n})", stream=stream, alone_s=t,
+        return (_Flow(name=f"{label or op} {stream}({n})", stream=stream, alone_s=t,
                       demands=tuple(loads)),)
 
     def send(self, nbytes: float, crosses: bool) -> _Flow:
@@ -158,13 +159,22 @@ class _Pricer:
 def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, split_w: bool
                   ) -> tuple[list[_Block], list[_Block], list[_Block]]:
     """(forward, backward, weight-gradient) blocks of one layer for one micro-batch."""
-    tp = lambda t: pr.collective("tp", cm.tp_group, "all_reduce", 1.0, t)  # noqa: E731
-    ring = lambda t: pr.collective("cp", cm.cp_group, "p2p", 1.0, t)  # noqa: E731
-    ep = pr.collective("ep", cm.ep_group, "all_to_all", 1.0, parts.ep) if moe else ()
+    # two TP all-reduces each way (as SP's all-gathers plus reduce-scatters: the same bus
+    # bytes), the ring's cp − 1 passes (twice in backward), one all-to-all at a time
+    tp_op = "all_gather+reduce_scatter" if cm.plan.sp else "all_reduce"
+
+    def tp(t: float) -> tuple[_Flow, ...]:
+        return pr.collective("tp", cm.tp_group, "all_reduce", 2 * cm.tp_bytes, t, tp_op)
+
+    def ring(k: int) -> tuple[_Flow, ...]:
+        size = k * (cm.plan.cp - 1) * cm.cp_step_bytes
+        return pr.collective("cp", cm.cp_group, "p2p", size, k * parts.cp_ring, "ring")
+
+    ep = pr.collective("ep", cm.ep_group, "all_to_all", cm.ep_bytes, parts.ep) if moe else ()
     fwd: list[_Block] = [_Block(gather=True)]
     rest = parts.fwd
     if parts.cp_ring:
-        fwd.append(_Block(compute_s=parts.attn_f, flows=ring(parts.cp_ring)))
+        fwd.append(_Block(compute_s=parts.attn_f, flows=ring(1)))
         rest -= parts.attn_f
     if parts.tp_f and parts.tp_overlap:
         fwd.append(_Block(compute_s=parts.gemm_f, flows=tp(parts.tp_f)))
@@ -181,7 +191,7 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
     rest = parts.bwd - weight
     bwd += [_Block(flows=ep), _Block(flows=ep)] if ep else []
     if parts.cp_ring:
-        bwd.append(_Block(compute_s=parts.attn_b, flows=ring(2 * parts.cp_ring)))
+        bwd.append(_Block(compute_s=parts.attn_b, flows=ring(2)))
         rest -= parts.attn_b
     if parts.tp_b and parts.tp_overlap:
         tp_gemm = min(2 * parts.gemm_f, rest)
@@ -443,8 +453,9 @@ class _Engine:
             if k in ("F", "B", "W"):
                 prog = self.programs[a.stage]
                 blocks = {"F": prog.fwd, "B": prog.bwd, "W": prog.wgt}[k]
-                if k == "F":
-                    gathering = has_gathers and (cm.regathers or a.stage not in seen)
+                if k == "F":  # ZeRO-1/2 without overlap gathers after the optimizer step
+                    gathering = has_gathers and (cm.regathers or (
+                        a.stage not in seen and plan.dp_overlap))
                     seen.add(a.stage)
                 else:
                     gathering = has_gathers and k == "B" and cm.regathers
@@ -460,7 +471,6 @@ class _Engine:
             elif k == "OPT":
                 yield from self._optimizer(rank)
         rank.end_s = self.env.now
-        del plan
 
     def _arrival(self, cls: int, key: tuple) -> simpy.Event:
         full = (cls, *key)
@@ -490,6 +500,9 @@ class _Engine:
             rank.spent["exposed_comm"] += self.env.now - t0
 
     def _optimizer(self, rank: _Rank):
+        """The optimizer step, the host offload after it, and, for ZeRO-1/2 without
+        overlap, the all-gather of the updated parameters (Megatron's distributed optimizer
+        without --overlap-param-gather)."""
         opt_s, offload_s = self.cm.optimizer_s(rank.pp)
         t0 = self.env.now
         if opt_s:
@@ -505,6 +518,9 @@ class _Engine:
                 demands={("pcie", rank.index, d): cap for d in ("out", "in")},
                 name="optimizer offload", stream="offload"))
             rank.spent["offload"] += self.env.now - t0
+        if not self.cm.plan.dp_overlap and not self.cm.regathers:
+            for flows in self.gather_units[rank.pp]:
+                yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
 
     def _record(self, job: Job) -> None:
         if job.is_flow:

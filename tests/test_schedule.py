@@ -43,8 +43,30 @@ def test_interleaved_bubble_fraction(p, m, v):
     assert (total - ideal) / total == pytest.approx((p - 1) / (v * m + p - 1))
 
 
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (8, 8), (8, 16), (3, 12)])
+def test_zb_h1_bubble(p, m):
+    # Qi et al. 2023 §3.1: with T_F = T_B = T_W the ZB-H1 bubble is (p-1)(T_F + T_B - T_W),
+    # a third of 1F1B's (p-1)(T_F + T_B + T_W).
+    s = build_schedule("zb", p, m)
+    total = makespan(s, [1.0] * p, [1.0] * p, [1.0] * p)
+    assert total - 3 * m == pytest.approx(p - 1)
+    for stage in range(p):
+        acts = s.actions[stage]
+        for kind in "FBW":
+            assert sorted(a.microbatch for a in acts if a.kind == kind) == list(range(m))
+    # uneven split: W passes still fill the drain, never lengthen the critical path
+    assert makespan(s, [1.0] * p, [1.2] * p, [0.8] * p) < makespan(
+        build_schedule("1f1b", p, m), [1.0] * p, [2.0] * p)
+
+
+def test_zb_needs_w_times():
+    with pytest.raises(Exception, match="wgt_s"):
+        makespan(build_schedule("zb", 2, 4), [1.0] * 2, [1.0] * 2)
+
+
 @pytest.mark.parametrize("name,p,m,v", [("gpipe", 4, 6, 1), ("1f1b", 4, 8, 1), ("1f1b", 8, 3, 1),
-                                        ("interleaved", 4, 8, 2), ("interleaved", 4, 16, 4)])
+                                        ("interleaved", 4, 8, 2), ("interleaved", 4, 16, 4),
+                                        ("zb", 4, 8, 1), ("zb", 4, 2, 1)])
 def test_memory_rule_matches_schedule(name, p, m, v):
     s = build_schedule(name, p, m, v)
     for rank in range(p):
@@ -66,6 +88,11 @@ def test_text_round_trip_and_form():
     assert s.text(0).endswith("RG OPT")
     again = PipelineSchedule.from_text("1f1b", 1, 3, [s.text(r) for r in range(2)])
     assert again.actions == s.actions
+
+
+def test_grid_shows_split_backward():
+    g = grid(build_schedule("zb", 2, 2))
+    assert "0W0" in g and "1W1" in g
 
 
 def test_grid_shows_pipeline_shape():

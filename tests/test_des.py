@@ -1,0 +1,222 @@
+"""The event engine: agreement with the analytical engine, schedule bubbles, determinism,
+monotonicity in link bandwidth, stragglers, links shared max-min fairly, and the trace."""
+
+import dataclasses
+import json
+
+import pytest
+import simpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshplan.api import simulate_run
+from meshplan.core.errors import SpecError
+from meshplan.core.plan import Plan
+from meshplan.core.schedule import build_schedule, makespan
+from meshplan.core.workload import TrainWorkload
+from meshplan.loaders import load_cluster, load_model
+from meshplan.simulator.analytical import CostCache, simulate_analytical
+from meshplan.simulator.des import DesOptions, simulate_des
+from meshplan.simulator.fluid import Fluid, Job, max_min_speeds
+from meshplan.simulator.trace import chrome_trace
+
+GEMM_S = 1e-3
+
+
+class PassCosts:
+    """Every layer GEMM takes GEMM_S, everything else is free: equal stages with
+    F = B = W (a backward runs each forward GEMM twice, input and weight gradients)."""
+
+    name = "test"
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def gemm_s(self, dtype, m, n, k, batch=1):
+        return 0.0 if self.vocab in (m, n, k) else GEMM_S
+
+    def attention_s(self, dtype, flops, kv_len, backward=False):
+        return 0.0
+
+    def memory_s(self, traffic_bytes, kernels=1):
+        return 0.0
+
+    def overhead_s(self, unit, backward):
+        return 0.0
+
+    def optimizer_s(self, optimizer, params, tensors):
+        return 0.0
+
+    def overlap_slowdown(self):
+        return 0.0
+
+    def mem_op_s(self, dtype, name, nbytes, eager):
+        return 0.0
+
+    def collective_s(self, group, op, size_bytes):
+        return 0.0
+
+    def p2p_s(self, crosses_node, size_bytes):
+        return 0.0
+
+
+def _passes(n_layers: int, gpus: int, global_batch: int, plan: str):
+    model = dataclasses.replace(load_model("tiny-dense"), n_layers=n_layers)
+    cluster = load_cluster("h100-sxm", gpus)
+    work = TrainWorkload(seq_len=128, global_batch=global_batch)
+    return model, cluster, work, Plan.parse(plan), CostCache(costs=PassCosts(model.vocab_size))
+
+
+@pytest.mark.parametrize("model,gpus,batch,plan", [
+    ("llama3-70b", 64, 64, "tp=8,pp=4,mbs=1,dp_overlap=off"),
+    ("llama3-70b", 64, 64, "tp=8,pp=4,vpp=2,mbs=1,recompute=full,dp_overlap=off"),
+    ("llama3-70b", 64, 64, "tp=8,pp=8,mbs=1,schedule=zb,dp_overlap=off"),
+    ("llama3-8b", 16, 32, "dp=16,zero=3,mbs=1,dp_overlap=off"),
+    ("llama3-8b", 16, 32, "dp=8,tp=2,sp=on,zero=1,mbs=2,dp_overlap=off"),
+    ("mixtral-8x7b", 64, 64, "tp=2,ep=4,pp=2,mbs=1,zero=1,dp_overlap=off"),
+    ("llama3-8b", 8, 16, "dp=8,mbs=2,offload=optimizer,zero=2,dp_overlap=off"),
+])
+def test_without_overlap_des_agrees_with_analytical(model, gpus, batch, plan):
+    m, c = load_model(model), load_cluster("h100-sxm", gpus)
+    w = TrainWorkload(seq_len=4096, global_batch=batch)
+    a = simulate_analytical(m, c, w, Plan.parse(plan))
+    d = simulate_des(m, c, w, Plan.parse(plan), options=DesOptions(interference=0.0))
+    assert d.result.step_time_s == pytest.approx(a.step_time_s, rel=0.01)
+    assert d.result.peak_memory_bytes == a.peak_memory_bytes
+    t = d.result.time
+    total = t.compute + t.recompute + t.exposed_comm + t.bubble + t.offload + t.optimizer
+    assert total == pytest.approx(d.result.step_time_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16)])
+def test_1f1b_bubble_fraction(p, m):
+    model, cluster, work, plan, cache = _passes(8, p, m, f"pp={p},mbs=1")
+    r = simulate_des(model, cluster, work, plan, cache).result
+    assert r.time.bubble / r.step_time_s == pytest.approx((p - 1) / (m + p - 1), rel=1e-9)
+
+
+@pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 8, 2), (2, 8, 4)])
+def test_interleaved_bubble_fraction(p, m, v):
+    model, cluster, work, plan, cache = _passes(16, p, m, f"pp={p},vpp={v},mbs=1")
+    r = simulate_des(model, cluster, work, plan, cache).result
+    assert r.time.bubble / r.step_time_s == pytest.approx((p - 1) / (v * m + p - 1), rel=1e-9)
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 12)])
+def test_zb_h1_bubble(p, m):
+    # F = B = W = t: step m·3t + (p−1)(F + B − W) (Qi et al. 2023 §3.1)
+    model, cluster, work, plan, cache = _passes(8, p, m, f"pp={p},mbs=1,schedule=zb")
+    r = simulate_des(model, cluster, work, plan, cache).result
+    t = r.step_time_s / (3 * m + p - 1)
+    assert r.time.bubble == pytest.approx((p - 1) * t, rel=1e-9)
+    one_f1b = simulate_des(model, cluster, work, Plan.parse(f"pp={p},mbs=1"), cache).result
+    assert one_f1b.time.bubble == pytest.approx(3 * (p - 1) * t, rel=1e-9)
+
+
+def test_straggler_slows_the_step_as_the_schedule_dictates():
+    p, m = 4, 8
+    model, cluster, work, plan, cache = _passes(8, 2 * p, 2 * m, f"dp=2,pp={p},mbs=1")
+    base = simulate_des(model, cluster, work, plan, cache)
+    stage = base.result.step_time_s / (m + p - 1)  # F + B of one stage
+    # global rank 5 = pipeline stage 2 of replica 1 (tp = cp = 1: rank = pp·dp + dp index)
+    slow = simulate_des(model, cluster, work, plan, cache,
+                        DesOptions(stragglers=((5, 0.5),)))
+    costs = [stage / 3] * p
+    costs[2] *= 1.5
+    expected = makespan(build_schedule("1f1b", p, m), costs, [2 * c for c in costs])
+    assert slow.result.step_time_s == pytest.approx(expected, rel=1e-9)
+    assert slow.result.step_time_s > base.result.step_time_s
+    assert len(slow.ranks) == 2 * p  # the straggler's replica is simulated beside the rest
+
+
+def test_bad_options_are_named():
+    model, cluster, work, plan, cache = _passes(8, 4, 8, "pp=4,mbs=1")
+    with pytest.raises(SpecError, match="options.stragglers"):
+        simulate_des(model, cluster, work, plan, cache, DesOptions(stragglers=((99, 0.1),)))
+    with pytest.raises(SpecError, match="options.link_scale"):
+        simulate_des(model, cluster, work, plan, cache, DesOptions(link_scale=(("wifi", 2),)))
+
+
+def test_identical_inputs_give_identical_results():
+    m, c = load_model("mixtral-8x7b"), load_cluster("h100-sxm", 32)
+    w = TrainWorkload(seq_len=4096, global_batch=32)
+    plan = Plan.parse("tp=2,ep=8,pp=2,mbs=1,zero=1")
+    a, b = simulate_des(m, c, w, plan), simulate_des(m, c, w, plan)
+    assert a.result == b.result and a.spans == b.spans and a.events == b.events
+
+
+_PLANS = [("llama3-8b", 16, "dp=16,zero=3,mbs=1"), ("llama3-8b", 16, "dp=8,tp=2,mbs=1"),
+          ("llama3-70b", 32, "dp=2,tp=8,pp=2,mbs=1,zero=1"),
+          ("llama3-8b", 16, "dp=4,cp=2,tp=2,mbs=1,tp_overlap=on"),
+          ("mixtral-8x7b", 16, "ep=8,tp=2,mbs=1"),
+          ("llama3-8b", 8, "dp=8,mbs=1,zero=2,offload=optimizer")]
+_LINKS = ["intra_bw_bytes_per_s", "nic_bw_bytes_per_s", "pcie_bw_bytes_per_s"]
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(case=st.sampled_from(_PLANS), link=st.sampled_from(_LINKS),
+       nodes_per_gpu=st.sampled_from([8, 4]))
+def test_doubling_a_link_never_slows_a_step(case, link, nodes_per_gpu):
+    name, gpus, plan = case
+    model = load_model(name)
+    base = load_cluster("h100-sxm", gpus)
+    base = dataclasses.replace(base, node=dataclasses.replace(
+        base.node, gpus_per_node=nodes_per_gpu, nics_per_node=nodes_per_gpu))
+    fast = dataclasses.replace(base, node=dataclasses.replace(
+        base.node, **{link: 2 * getattr(base.node, link)},
+        intra_allreduce_busbw_bytes_per_s=base.node.intra_allreduce_busbw_bytes_per_s * (
+            2 if link == "intra_bw_bytes_per_s" else 1)))
+    work = TrainWorkload(seq_len=2048, global_batch=32)
+    slow_t = simulate_des(model, base, work, Plan.parse(plan)).result.step_time_s
+    fast_t = simulate_des(model, fast, work, Plan.parse(plan)).result.step_time_s
+    assert fast_t <= slow_t * (1 + 1e-9)
+
+
+def test_overlap_slows_overlapped_compute_and_hides_fsdp_traffic():
+    m, c = load_model("llama3-8b"), load_cluster("h100-sxm", 16)
+    w = TrainWorkload(seq_len=4096, global_batch=32)
+    plan = Plan.parse("dp=16,zero=3,mbs=1")
+    none = simulate_des(m, c, w, plan, options=DesOptions(interference=0.0)).result
+    some = simulate_des(m, c, w, plan, options=DesOptions(interference=0.2)).result
+    assert some.time.compute > none.time.compute
+    off = simulate_des(m, c, w, dataclasses.replace(plan, dp_overlap=False)).result
+    assert none.step_time_s < off.step_time_s
+
+
+def test_links_are_shared_max_min_fairly():
+    a = Job(work_s=1.0, rank=0, demands={("nic", 0, "out"): 10.0})
+    b = Job(work_s=1.0, rank=0, demands={("nic", 0, "out"): 10.0, ("nic", 1, "in"): 10.0})
+    c = Job(work_s=1.0, rank=1, demands={("nic", 1, "in"): 10.0})
+    cap = {("nic", 0, "out"): 10.0, ("nic", 1, "in"): 5.0}
+    # link 1 (capacity 5) splits 2.5 / 2.5 between b and c; a takes what b leaves on link 0
+    assert max_min_speeds([a, b, c], cap) == pytest.approx([0.75, 0.25, 0.25])
+    assert max_min_speeds([a], cap) == [1.0]
+
+
+def test_two_flows_on_one_link_take_twice_as_long():
+    env = simpy.Environment()
+    fluid = Fluid(env, {("nic", 0, "out"): 1.0}, interference=0.0)
+    ends = []
+    for _ in range(2):
+        ev = fluid.run(Job(work_s=1.0, rank=0, demands={("nic", 0, "out"): 1.0}))
+        ev.callbacks.append(lambda _e: ends.append(env.now))
+    env.run()
+    assert ends == pytest.approx([2.0, 2.0])
+
+
+@pytest.mark.parametrize("model,gpus,plan", [
+    ("llama3-70b", 64, "tp=8,pp=4,mbs=1,zero=1"),
+    ("mixtral-8x7b", 32, "tp=2,ep=8,pp=2,mbs=1"),
+])
+def test_chrome_trace_has_one_process_per_simulated_rank(model, gpus, plan):
+    run = simulate_run(load_model(model), load_cluster("h100-sxm", gpus),
+                       TrainWorkload(seq_len=4096, global_batch=32), plan)
+    trace = json.loads(json.dumps(chrome_trace(run)))
+    events = trace["traceEvents"]
+    pids = {e["pid"] for e in events}
+    assert pids == set(range(len(run.ranks)))
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans and all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    names = {e["name"] for e in spans}
+    assert any(n.startswith("all_gather tp(") or n.startswith("all_reduce tp(") for n in names)
+    assert any(e["ph"] == "M" and e["name"] == "thread_name" for e in events)

@@ -228,8 +228,9 @@ def execute(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence[
 
     Each rank runs its actions in order; F(s, i) waits for F(s-1, i), B(s, i) for B(s+1, i)
     and F(s, i), W(s, i) for B(s, i). `wgt_s` prices W where the schedule splits backward
-    (then `bwd_s` is the input-gradient part only). Returns per rank the (action, start, end) of its compute actions. Raises
-    on deadlock, so it also checks that a schedule is well formed.
+    (then `bwd_s` is the input-gradient part only). Returns per rank the (action, start,
+    end) of its compute actions. Raises on deadlock, so it also checks that a schedule is
+    well formed.
     """
     done: dict[tuple[str, int, int], float] = {}
     pos = [0] * schedule.n_ranks

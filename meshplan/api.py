@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import os
 from collections.abc import Callable
 
 from meshplan.core.cluster import ClusterSpec
@@ -68,8 +71,9 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, top: int
            objective: str | Objective = "throughput", space: SearchSpace | None = None,
            token_budget: float | None = None, target_days: float | None = None,
            progress: Callable[[int], None] | None = None,
-           profile: HardwareProfile | None = None) -> SearchResult:
-    """The `top` best plans, best first (`.ranked`, `.best`, `.stats`).
+           profile: HardwareProfile | None = None, refine: int = 0) -> SearchResult:
+    """The `top` best plans, best first (`.ranked`, `.best`, `.stats`); with `refine` = K
+    the best K are re-timed by the event engine and re-ranked.
 
     objective: "throughput" (tokens/s), "cost" ($ per million tokens; needs the device's
     price_per_gpu_hour) or "gpus" (fewest GPUs that train `token_budget` tokens within
@@ -77,9 +81,24 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, top: int
     nothing fits.
     """
     obj = _objective(objective, token_budget, target_days)
-    if obj.kind == "gpus":
-        return search_fewest_gpus(model, cluster, work, obj, space, top, progress, profile)
-    return _search(model, cluster, work, space, obj, top, progress=progress, profile=profile)
+    with _pool(refine) as pool:
+        mapper = pool.map if pool is not None else None
+        if obj.kind == "gpus":
+            return search_fewest_gpus(model, cluster, work, obj, space, top, progress,
+                                      profile, refine_des=refine, mapper=mapper)
+        return _search(model, cluster, work, space, obj, top, progress=progress,
+                       profile=profile, refine_des=refine, mapper=mapper)
+
+
+@contextlib.contextmanager
+def _pool(jobs: int):
+    """Processes for the event-engine refinement, one per core (at most `jobs`)."""
+    workers = min(jobs, os.cpu_count() or 1)
+    if workers < 2:
+        yield None
+        return
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        yield pool
 
 
 def whatif(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,

@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     se = sub.add_parser("search", help="find the best plans")
     _search_args(se)
     se.add_argument("--top", type=int, default=5)
+    se.add_argument("--refine", type=int, default=0, metavar="K",
+                    help="re-time the best K plans with the event engine and re-rank them")
     se.add_argument("--profile", help="hardware profile from `meshplan profile`")
     se.add_argument("--out", help="write the best plan as a plan file")
     se.add_argument("--json", action="store_true")
@@ -271,7 +273,7 @@ def _search(args: argparse.Namespace) -> int:
         found = search(model, cluster, work, top=args.top, objective=args.objective,
                        space=space, token_budget=args.token_budget,
                        target_days=args.target_days, progress=update,
-                       profile=load_profile(args.profile))
+                       profile=load_profile(args.profile), refine=args.refine)
     finally:
         bar.close()
     wall = time.perf_counter() - start

@@ -85,13 +85,14 @@ def search_table(found: SearchResult, cluster: ClusterSpec) -> str:
     for i, r in enumerate(found.ranked, 1):
         price = cluster.device.price_per_gpu_hour
         cost = f"{dollars_per_million_tokens(r, cluster):.2f}" if price is not None else "-"
-        rows.append([str(i), r.plan.to_text(), f"{r.tokens_per_s:,.0f}",
+        rows.append([str(i), r.plan.to_text(), r.engine, f"{r.tokens_per_s:,.0f}",
                      f"{r.tflops_per_gpu:.0f}", f"{r.mfu * 100:.1f}%", f"{r.step_time_s:.3f}",
                      f"{r.peak_memory_bytes / 2**30:.1f}", cost])
     s = found.stats
     head = (f"{s.enumerated:,} plans enumerated, {s.over_memory:,} pruned by memory, "
-            f"{s.timed:,} timed, {s.split_refined} layer splits improved by the ILP\n")
-    return head + _table(["#", "plan", "tokens/s", "TFLOP/s/GPU", "MFU", "step s", "GiB",
+            f"{s.timed:,} timed, {s.split_refined} layer splits improved by the ILP, "
+            f"{s.des_refined} re-timed by the event engine\n")
+    return head + _table(["#", "plan", "engine", "tokens/s", "TFLOP/s/GPU", "MFU", "step s", "GiB",
                           "$/Mtok"], rows)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -25,12 +25,14 @@ from meshplan.core.results import SimResult
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels.calibrated import HardwareProfile, costs_for
 from meshplan.simulator.analytical import CostCache, assemble, prepare
+from meshplan.simulator.des import simulate_des
 
 from .space import SearchSpace, enumerate_plans
 from .split import optimise_split
 
 GIB = 2**30
 ObjectiveKind = Literal["throughput", "cost", "gpus"]
+Mapper = Callable[[Callable, Iterable], Iterable]
 
 
 class NoFeasiblePlan(SpecError):
@@ -81,6 +83,7 @@ class SearchStats:
     over_memory: int  # pruned before timing
     timed: int
     split_refined: int  # plans whose layer split the optimiser changed
+    des_refined: int = 0  # best plans re-timed by the event engine
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,9 +106,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
            space: SearchSpace | None = None, objective: Objective | None = None,
            top: int = 5, refine: int = 8,
            progress: Callable[[int], None] | None = None,
-           profile: HardwareProfile | None = None) -> SearchResult:
+           profile: HardwareProfile | None = None, refine_des: int = 0,
+           mapper: Mapper | None = None) -> SearchResult:
     """The `top` best plans of `space` (analytical model), best first; timed with the
-    calibrated cost model when a hardware `profile` is given.
+    calibrated cost model when a hardware `profile` is given. With `refine_des` = K the
+    best K are timed again by the event engine (overlap, link sharing) and re-ranked
+    ahead of the rest; those carry `engine="des"`. `mapper` (map's signature) runs
+    those K runs; the caller may pass a process pool's map.
 
     Raises NoFeasiblePlan when no candidate fits in memory, naming the tightest one.
     """
@@ -113,7 +120,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
     objective = objective or Objective()
     cache = CostCache(costs=costs_for(cluster, profile))
     hbm = cluster.device.hbm_bytes
-    keep = max(top, refine)
+    require(refine_des >= 0, "refine", f"must be >= 0, got {refine_des}")
+    keep = max(top, refine, refine_des)
     heap: list[tuple[tuple[float, float], int, SimResult]] = []  # max-heap on key via negation
     enumerated = over = timed = 0
     tightest: tuple[float, Plan] | None = None
@@ -143,8 +151,11 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
     results = [r for _, _, r in heap]
     results, refined = _refine_splits(model, cluster, work, results, refine, objective, cache)
     results.sort(key=lambda r: _key(objective, cluster, r))
+    if refine_des:
+        results = _refine_des(model, cluster, work, results, refine_des, objective, cache,
+                              mapper)
     stats = SearchStats(enumerated=enumerated, over_memory=over, timed=timed,
-                        split_refined=refined)
+                        split_refined=refined, des_refined=min(refine_des, len(results)))
     return SearchResult(ranked=tuple(results[:top]), stats=stats, objective=objective)
 
 
@@ -182,6 +193,24 @@ def _refine_splits(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
     return results, changed
 
 
+def _refine_des(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+                results: list[SimResult], k: int, objective: Objective,
+                cache: CostCache, mapper: Mapper | None) -> list[SimResult]:
+    """Re-time the best `k` (sorted best first) with the event engine and re-rank them;
+    the analytical rest follows (memory is the same model in both engines)."""
+    jobs = [(model, cluster, work, r.plan, cache) for r in results[:k]]
+    timed = list((mapper or map)(des_result, jobs))
+    timed.sort(key=lambda r: _key(objective, cluster, r))
+    return timed + results[k:]
+
+
+def des_result(job: tuple[ModelSpec, ClusterSpec, TrainWorkload, Plan, CostCache]
+               ) -> SimResult:
+    """One event-engine run, as a top-level function a process pool can call."""
+    model, cluster, work, plan, cache = job
+    return simulate_des(model, cluster, work, plan, cache).result
+
+
 def gpu_counts(cluster: ClusterSpec) -> list[int]:
     """GPU counts tried by the fewest-GPUs objective: whole nodes of 2^k or 3·2^k GPUs
     (and the partial-node powers of two below one node), up to the cluster's size."""
@@ -202,7 +231,8 @@ def days_to_train(r: SimResult, token_budget: float) -> float:
 def search_fewest_gpus(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
                        objective: Objective, space: SearchSpace | None = None, top: int = 5,
                        progress: Callable[[int], None] | None = None,
-                       profile: HardwareProfile | None = None) -> SearchResult:
+                       profile: HardwareProfile | None = None,
+                       refine_des: int = 0, mapper: Mapper | None = None) -> SearchResult:
     """Fewest GPUs (of `gpu_counts`, at most the cluster's) meeting the time-to-train
     target; raises with the fastest count's shortfall when even the whole cluster misses."""
     assert objective.token_budget and objective.target_days
@@ -210,7 +240,8 @@ def search_fewest_gpus(model: ModelSpec, cluster: ClusterSpec, work: TrainWorklo
     for n in gpu_counts(cluster):
         try:
             found = search(model, cluster.with_gpus(n), work, space, objective, top,
-                           progress=progress, profile=profile)
+                           progress=progress, profile=profile, refine_des=refine_des,
+                           mapper=mapper)
         except NoFeasiblePlan:
             continue
         last = found

@@ -370,7 +370,7 @@ class _Engine:
                       ranks=tuple(sorted({rank.index, dst.index})), name=f.name,
                       stream=f.stream)
             events.append(self.fluid.run(job))
-        return self.env.all_of(events)
+        return events[0] if len(events) == 1 else self.env.all_of(events)
 
     def _collective(self, rank: _Rank, key: tuple, flows: tuple[_Flow, ...]):
         """A DP collective starts once every class has reached it (stragglers included)."""

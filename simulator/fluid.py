@@ -14,6 +14,7 @@ Deterministic: jobs are kept in start order and ties are broken by that order.
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 import simpy
 
 Link = tuple[str, int, str]  # (tier, simulated rank, "out" | "in")
-_EPS = 1e-12
 
 
 @dataclass(eq=False, kw_only=True)
@@ -33,9 +33,12 @@ class Job:
     name: str = ""
     stream: str = "compute"
     done: simpy.Event | None = None
-    remaining: float = 0.0
+    remaining: float = 0.0  # full-speed seconds left at time `since`
+    since: float = 0.0
     speed: float = 1.0
     start_s: float = 0.0
+    version: int = 0
+    active: bool = False
 
     @property
     def is_flow(self) -> bool:
@@ -43,14 +46,21 @@ class Job:
 
 
 class Fluid:
+    """Jobs keep their finish times in a heap; a speed change re-files only that job, so
+    compute that no flow touches costs O(log n) per start and end."""
+
     def __init__(self, env: simpy.Environment, capacity: dict[Link, float],
                  interference: float):
         self.env, self.capacity, self.interference = env, capacity, interference
-        self.jobs: list[Job] = []
-        self.flows_changed = False
+        self.flows: list[Job] = []  # moving flows, in start order
+        self.computing: dict[int, list[Job]] = defaultdict(list)
         self.busy: set[int] = set()  # ranks with a flow moving
-        self.version = 0
-        self.last = 0.0
+        self.load: dict[Link, float] = defaultdict(float)  # full-speed demand of moving flows
+        self.over: set[Link] = set()  # links whose load exceeds their capacity
+        self.on_link: dict[Link, list[Job]] = defaultdict(list)  # moving flows per link
+        self.heap: list[tuple[float, int, int, Job]] = []
+        self.seq = 0
+        self.armed: set[float] = set()
         self.link_bytes: dict[Link, float] = defaultdict(float)
         self.on_end: Callable[[Job], None] | None = None
         self.events = 0  # job starts and ends, and wake-ups
@@ -59,69 +69,137 @@ class Fluid:
         """Start a job now; the returned event fires when it ends."""
         job.done = self.env.event()
         self.events += 1
-        job.remaining, job.start_s = job.work_s, self.env.now
+        job.remaining, job.since, job.start_s = job.work_s, self.env.now, self.env.now
         if job.work_s <= 0:
             job.done.succeed()
             return job.done
-        self._advance()
-        self.jobs.append(job)
+        job.active = True
         if job.is_flow:
-            self.flows_changed = True
+            job.speed = 0.0  # filed by _reflow
+            self.flows.append(job)
+            self._reflow(job, +1)
         else:
             job.speed = self._compute_speed(job.rank)
-        self._reschedule()
+            self.computing[job.rank].append(job)
+            self._file(job)
+        self._arm()
         return job.done
 
     # ---- internals ----------------------------------------------------------------
-    def _advance(self) -> None:
-        dt = self.env.now - self.last
+    def _settle(self, job: Job) -> None:
+        dt = self.env.now - job.since
         if dt > 0:
-            for j in self.jobs:
-                j.remaining -= j.speed * dt
-                for link, rate in j.demands.items():
-                    self.link_bytes[link] += rate * j.speed * dt
-        self.last = self.env.now
+            job.remaining -= job.speed * dt
+            for link, rate in job.demands.items():
+                self.link_bytes[link] += rate * job.speed * dt
+        job.since = self.env.now
 
-    def _reschedule(self) -> None:
-        self._rates()
-        self.version += 1
-        if not self.jobs:
-            return
-        dt = min(max(0.0, j.remaining) / j.speed for j in self.jobs)
-        wake = self.env.timeout(dt)
-        v = self.version
-        wake.callbacks.append(lambda _e: self._wake(v))
+    def _file(self, job: Job) -> None:
+        job.version += 1
+        self.seq += 1
+        finish = self.env.now + max(0.0, job.remaining) / job.speed
+        heapq.heappush(self.heap, (finish, self.seq, job.version, job))
 
-    def _wake(self, version: int) -> None:
-        if version != self.version:
+    def _set_speed(self, job: Job, speed: float) -> None:
+        if speed == job.speed:
             return
+        self._settle(job)
+        job.speed = speed
+        self._file(job)
+
+    def _arm(self) -> None:
+        while self.heap and not self._valid(self.heap[0]):
+            heapq.heappop(self.heap)
+        if not self.heap:
+            return
+        t = self.heap[0][0]
+        if t in self.armed or (self.armed and min(self.armed) <= t):
+            return
+        self.armed.add(t)
+        wake = self.env.timeout(max(0.0, t - self.env.now))
+        wake.callbacks.append(lambda _e: self._wake(t))
+
+    @staticmethod
+    def _valid(entry: tuple[float, int, int, Job]) -> bool:
+        return entry[3].active and entry[2] == entry[3].version
+
+    def _wake(self, t: float) -> None:
+        self.armed.discard(t)
         self.events += 1
-        self._advance()
-        finished = [j for j in self.jobs if j.remaining <= _EPS + 1e-9 * j.work_s]
-        self.jobs = [j for j in self.jobs if j.remaining > _EPS + 1e-9 * j.work_s]
-        self.flows_changed = self.flows_changed or any(j.is_flow for j in finished)
+        now = self.env.now
+        finished = []
+        while self.heap and self.heap[0][0] <= now + 1e-12 * max(1.0, now):
+            entry = heapq.heappop(self.heap)
+            if self._valid(entry):
+                finished.append(entry[3])
+        for j in finished:
+            self._settle(j)
+            j.active = False
+            if j.is_flow:
+                self.flows.remove(j)
+                self._reflow(j, -1)
+            else:
+                self.computing[j.rank].remove(j)
         for j in finished:
             if self.on_end is not None:
                 self.on_end(j)
             assert j.done is not None
             j.done.succeed()
-        self._reschedule()
+        self._arm()
 
-    def _rates(self) -> None:
-        """New speeds when the set of moving flows changed (compute alone changes none)."""
-        if not self.flows_changed:
-            return
-        self.flows_changed = False
-        flows = [j for j in self.jobs if j.is_flow]
-        for j, s in zip(flows, max_min_speeds(flows, self.capacity), strict=True):
-            j.speed = s
-        busy = {r for f in flows for r in f.ranks}
-        if self.interference and busy != self.busy:
-            self.busy = busy
-            for j in self.jobs:
-                if not j.is_flow:
-                    j.speed = self._compute_speed(j.rank)
-        self.busy = busy
+    def _reflow(self, changed: Job, sign: int) -> None:
+        """New flow speeds after `changed` started (+1) or ended (−1): all at full speed
+        while no link is oversubscribed, else max-min over every moving flow; then compute
+        speeds where a rank's traffic started or stopped."""
+        was_over = bool(self.over)
+        for link, rate in changed.demands.items():
+            self.load[link] += sign * rate
+            if sign > 0:
+                self.on_link[link].append(changed)
+            else:
+                self.on_link[link].remove(changed)
+            if self.load[link] > self.capacity[link] * (1 + 1e-12):
+                self.over.add(link)
+            else:
+                self.over.discard(link)
+        if not self.flows:
+            self.load.clear()
+            self.over.clear()
+        if was_over or self.over:
+            seeds = [f for f in self.flows if f.speed < 1.0 or f is changed]
+            group = self._component(seeds)
+            for j, s in zip(group, max_min_speeds(group, self.capacity), strict=True):
+                self._set_speed(j, s)
+        elif sign > 0:
+            self._set_speed(changed, 1.0)
+        if self.interference:
+            self._interfere(changed, sign)
+
+    def _component(self, seeds: list[Job]) -> list[Job]:
+        """Moving flows linked through shared links to the seeds, in start order; flows
+        outside it move at full speed and keep it."""
+        todo = [f for f in seeds if f.active]  # a full link's flows all run below full speed
+        seen: set[int] = set()
+        while todo:
+            f = todo.pop()
+            if id(f) in seen:
+                continue
+            seen.add(id(f))
+            for link in f.demands:
+                todo.extend(g for g in self.on_link[link] if id(g) not in seen)
+        return [f for f in self.flows if id(f) in seen]
+
+    def _interfere(self, changed: Job, sign: int) -> None:
+        for r in changed.ranks:
+            busy = any(r in f.ranks for f in self.flows) if sign < 0 else True
+            if busy == (r in self.busy):
+                continue
+            if busy:
+                self.busy.add(r)
+            else:
+                self.busy.discard(r)
+            for j in self.computing.get(r, ()):
+                self._set_speed(j, self._compute_speed(r))
 
     def _compute_speed(self, rank: int) -> float:
         return 1.0 / (1.0 + self.interference) if rank in self.busy else 1.0
@@ -129,19 +207,14 @@ class Fluid:
 
 def max_min_speeds(flows: list[Job], capacity: dict[Link, float]) -> list[float]:
     """Each flow's fraction of full speed under max-min fair sharing of the links."""
-    total: dict[Link, float] = defaultdict(float)
-    for f in flows:
-        for link, rate in f.demands.items():
-            total[link] += rate
-    if all(d <= capacity[link] * (1 + 1e-12) for link, d in total.items()):
-        return [1.0] * len(flows)  # no link is oversubscribed
+    demands = [list(f.demands.items()) for f in flows]
     speed = [0.0] * len(flows)
-    free = set(range(len(flows)))
+    free = list(range(len(flows)))
     used: dict[Link, float] = defaultdict(float)
     while free:
         demand: dict[Link, float] = defaultdict(float)
         for i in free:
-            for link, rate in flows[i].demands.items():
+            for link, rate in demands[i]:
                 demand[link] += rate
         level, tight = 1.0, set()
         for link, d in demand.items():
@@ -150,15 +223,14 @@ def max_min_speeds(flows: list[Job], capacity: dict[Link, float]) -> list[float]
                 level, tight = room, {link}
             elif room <= level + 1e-12:
                 tight.add(link)
-        level = max(level, 0.0)
         if level >= 1.0 - 1e-12:
-            frozen = set(free)
-            level = 1.0
+            frozen, level = free, 1.0
         else:
-            frozen = {i for i in free if tight.intersection(flows[i].demands)}
+            level = max(level, 0.0)
+            frozen = [i for i in free if any(link in tight for link, _ in demands[i])]
         for i in frozen:
             speed[i] = level
-            for link, rate in flows[i].demands.items():
+            for link, rate in demands[i]:
                 used[link] += rate * level
-        free -= frozen
+        free = [i for i in free if i not in frozen] if frozen is not free else []
     return [max(s, 1e-9) for s in speed]

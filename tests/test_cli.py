@@ -31,6 +31,32 @@ def test_human_table(capsys):
     assert "step time" in out and "pipeline bubble" in out and "activations" in out
 
 
+@pytest.mark.parametrize("model,plan", [("llama3-70b", "tp=8,pp=4,mbs=1,zero=1"),
+                                        ("mixtral-8x7b", "tp=2,ep=8,pp=2,mbs=1,zero=1")])
+def test_simulate_des_trace_json(capsys, tmp_path, model, plan):
+    trace = tmp_path / "t.json"
+    argv = ["simulate", "--model", model, "--cluster", "h100-sxm", "--gpus", "64",
+            "--seq-len", "4096", "--global-batch", "64", "--plan", plan,
+            "--engine", "des", "--trace", str(trace), "--json"]
+    main(argv)
+    out = json.loads(capsys.readouterr().out)
+    assert out["engine"] == "des" and out["step_time_s"] > 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    pp = out["plan"]["pp"]
+    assert {e["pid"] for e in events} == set(range(pp))
+
+
+@pytest.mark.parametrize("extra,field", [
+    (["--straggler", "x:0.2", "--engine", "des"], "straggler"),
+    (["--link-scale", "nic", "--engine", "des"], "link-scale"),
+    (["--link-scale", "nic=0.5"], "engine"),
+])
+def test_des_options_bad_input(capsys, extra, field):
+    assert main(BASE + ["--plan", "tp=8,pp=4", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {field}:" in err
+
+
 @pytest.mark.parametrize("args,field,numbers", [
     (["--model", "llama-9000"], "model", ["llama-9000"]),
     (["--plan", "tp=8,pp=3"], "plan", ["24", "64"]),

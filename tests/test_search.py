@@ -144,3 +144,17 @@ def test_moe_space_places_experts_inside_dp():
     assert eps == {1, 2, 4, 8}
     for p in plans:
         assert (p.dp * p.cp * p.tp // p.etp) % p.ep == 0 and 8 % p.ep == 0
+
+
+def test_refine_retimes_the_best_with_the_event_engine():
+    model, cluster = mp.load_model("llama3-8b"), mp.load_cluster("h100-sxm", 16)
+    work = mp.TrainWorkload(seq_len=4096, global_batch=32)
+    plain = mp.search(model, cluster, work, top=4, space=SMALL)
+    refined = mp.search(model, cluster, work, top=4, space=SMALL, refine=2)  # process pool
+    assert [r.engine for r in refined.ranked[:2]] == ["des", "des"]
+    assert all(r.engine == "analytical" for r in refined.ranked[2:])
+    assert {r.plan for r in refined.ranked[:2]} == {r.plan for r in plain.ranked[:2]}
+    steps = [r.step_time_s for r in refined.ranked[:2]]
+    assert steps == sorted(steps) and refined.stats.des_refined == 2
+    serial = search(model, cluster, work, SMALL, top=4, refine_des=2)
+    assert serial.ranked == refined.ranked  # deterministic, with or without processes

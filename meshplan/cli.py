@@ -38,6 +38,13 @@ from meshplan.report import (
     whatif_table,
 )
 from meshplan.simulator.des import DesOptions, DesRun
+from meshplan.simulator.failures import (
+    FailureModel,
+    best_interval_steps,
+    expected_goodput,
+    simulate_goodput,
+    young_daly_interval_s,
+)
 from meshplan.simulator.trace import chrome_trace
 
 EXIT_BAD_INPUT = 2
@@ -83,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--straggler", action="append", default=[], metavar="RANK:FRACTION",
                      help="what-if: global rank computes FRACTION slower, e.g. 17:0.2 "
                      "(engine des; repeatable)")
+    sim.add_argument("--mtbf-hours", type=float,
+                     help="what-if: mean time between failures of the whole job; prints the "
+                     "expected goodput with checkpoints (needs --checkpoint-s)")
+    sim.add_argument("--checkpoint-s", type=float, help="seconds one checkpoint blocks")
+    sim.add_argument("--restart-s", type=float, default=0.0,
+                     help="seconds from a failure to training again")
+    sim.add_argument("--checkpoint-every", type=int,
+                     help="steps between checkpoints (default: the Young/Daly optimum)")
     sim.add_argument("--link-scale", action="append", default=[], metavar="TIER=FACTOR",
                      help="what-if: nvlink, nic or pcie bandwidth times FACTOR, e.g. nic=0.5 "
                      "(engine des; repeatable)")
@@ -193,16 +208,39 @@ def _simulate(args: argparse.Namespace) -> int:
         _write_des_outputs(args, run)
     else:
         result = simulate(model, cluster, work, plan, profile=profile)
+    good = _goodput(args, result.step_time_s)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        print(json.dumps(result.to_dict() | ({"goodput": good} if good else {}), indent=1))
     else:
         print(sim_table(model, cluster, work, result))
         if run is not None:
             print(des_table(run))
+        if good:
+            print(f"\ngoodput {good['goodput']:.1%} with a checkpoint every "
+                  f"{good['interval_steps']} steps ({good['failures']} failures in "
+                  f"{good['horizon_s'] / 3600:,.0f} simulated hours; Young/Daly interval "
+                  f"{good['young_daly_interval_s']:.0f} s, first-order expectation "
+                  f"{good['expected_goodput']:.1%})")
     if not result.fits:
         print(f"meshplan: error: {'; '.join(result.violations)}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     return 0
+
+
+def _goodput(args: argparse.Namespace, step_s: float) -> dict | None:
+    """Expected goodput under failures and checkpoints (simulator/failures.py)."""
+    if args.mtbf_hours is None:
+        require(args.checkpoint_s is None and args.checkpoint_every is None, "mtbf-hours",
+                "--checkpoint-s and --checkpoint-every need --mtbf-hours")
+        return None
+    require(args.checkpoint_s is not None, "checkpoint-s", "--mtbf-hours needs --checkpoint-s")
+    fm = FailureModel(mtbf_s=args.mtbf_hours * 3600, checkpoint_s=args.checkpoint_s,
+                      restart_s=args.restart_s)
+    every = args.checkpoint_every or best_interval_steps(step_s, fm)
+    g = simulate_goodput(step_s, every, fm)
+    return dataclasses.asdict(g) | {
+        "young_daly_interval_s": young_daly_interval_s(fm),
+        "expected_goodput": expected_goodput(fm, every * step_s)}
 
 
 def _des_options(args: argparse.Namespace) -> DesOptions:

@@ -46,6 +46,14 @@ def test_simulate_des_trace_json(capsys, tmp_path, model, plan):
     assert {e["pid"] for e in events} == set(range(pp))
 
 
+def test_simulate_prints_goodput_under_failures(capsys):
+    rc = main(BASE + ["--plan", "tp=8,pp=2,sp=on,zero=1", "--json", "--mtbf-hours", "3", "--checkpoint-s", "120", "--restart-s", "600"])
+    good = json.loads(capsys.readouterr().out)["goodput"]
+    assert rc == 0 and 0.5 < good["goodput"] < 1 and good["failures"] > 100
+    assert abs(good["goodput"] - good["expected_goodput"]) < 0.02
+    assert main(BASE + ["--plan", "tp=8,pp=4", "--checkpoint-s", "60"]) == 2
+
+
 @pytest.mark.parametrize("extra,field", [
     (["--straggler", "x:0.2", "--engine", "des"], "straggler"),
     (["--link-scale", "nic", "--engine", "des"], "link-scale"),

@@ -20,10 +20,17 @@ class Row:
     measured_step_s: float
     predicted_memory_bytes: float
     measured_memory_bytes: float | None  # None where the device offers no measure
+    predicted_des_step_s: float | None = None  # the event engine's prediction
 
     @property
     def step_error(self) -> float:
         return (self.predicted_step_s - self.measured_step_s) / self.measured_step_s
+
+    @property
+    def des_step_error(self) -> float | None:
+        if self.predicted_des_step_s is None:
+            return None
+        return (self.predicted_des_step_s - self.measured_step_s) / self.measured_step_s
 
     @property
     def memory_error(self) -> float | None:
@@ -42,7 +49,7 @@ def summary(rows: list[Row]) -> dict[str, float | str | None]:
                      [r.measured_step_s for r in rows]).statistic if len(rows) > 1 else None
     picked = min(rows, key=lambda r: r.predicted_step_s)
     best = min(rows, key=lambda r: r.measured_step_s)
-    return {
+    return _des_summary(rows) | {
         "step_time_mape": sum(steps) / len(steps),
         "step_time_max_ape": max(steps),
         "memory_mape": sum(mems) / len(mems) if mems else None,
@@ -52,3 +59,16 @@ def summary(rows: list[Row]) -> dict[str, float | str | None]:
         "measured_fastest": best.name,
         "fastest_gap": picked.measured_step_s / best.measured_step_s - 1,
     }
+
+
+def _des_summary(rows: list[Row]) -> dict[str, float | None]:
+    """The event engine's errors, beside the analytical engine's (None without them)."""
+    des = [r for r in rows if r.predicted_des_step_s is not None]
+    if not des:
+        return {}
+    errors = [abs(r.des_step_error or 0.0) for r in des]
+    tau = kendalltau([r.predicted_des_step_s for r in des],
+                     [r.measured_step_s for r in des]).statistic if len(des) > 1 else None
+    return {"step_time_mape_des": sum(errors) / len(errors),
+            "step_time_max_ape_des": max(errors),
+            "kendall_tau_des": None if tau is None else float(tau)}

@@ -3,7 +3,7 @@
 Every case is a plan on `tiny-dense` or `tiny-moe` for the `cpu` cluster (2–4 gloo
 processes) or, on a machine with CUDA, single-GPU plans. Each runs through the same path
 as `meshplan run` (a plan file, torchrun, the runtime's measured JSON) and is predicted by
-the analytical engine with the calibrated cost model when a profile is given.
+the analytical and the event engine with the calibrated cost model when a profile is given.
 
 Memory: the runtime measures what training adds on top of the process at start-up (CPU:
 peak resident set above the start-up one; CUDA: allocator peak), so the prediction it is
@@ -76,8 +76,9 @@ def plan_file(case: Case, cluster: ClusterSpec, profile: HardwareProfile | None,
     plan = Plan.parse(f"{BASE},{case.plan}")
     cluster = cluster.with_gpus(case.gpus)
     predicted = simulate(model, cluster, work, plan, profile=profile)
+    des = simulate(model, cluster, work, plan, engine="des", profile=profile)
     return PlanFile(model=model, cluster=cluster, work=work, plan=plan,
-                    predicted=predicted.to_dict())
+                    predicted=predicted.to_dict() | {"des_step_time_s": des.step_time_s})
 
 
 def run_case(pf: PlanFile, steps: int, warmup: int) -> dict:
@@ -110,6 +111,7 @@ def validate(cases: tuple[Case, ...], profile: HardwareProfile | None, steps: in
         row = Row(name=case.name, predicted_step_s=pf.predicted["step_time_s"],
                   measured_step_s=measured["step_time_s"],
                   predicted_memory_bytes=pf.predicted["peak_memory_bytes"] - reserved,
-                  measured_memory_bytes=measured.get("peak_memory_bytes"))
+                  measured_memory_bytes=measured.get("peak_memory_bytes"),
+                  predicted_des_step_s=pf.predicted.get("des_step_time_s"))
         out.append((case, row, measured))
     return out

@@ -105,6 +105,14 @@ def test_summary_errors_tau_and_fastest_gap():
     s = summary(swapped)
     assert s["kendall_tau"] == pytest.approx(-1.0)
     assert s["predicted_fastest"] == "c" and math.isclose(s["fastest_gap"], 2.0)
+    assert "step_time_mape_des" not in s
+    with_des = [Row(name=r.name, predicted_step_s=r.predicted_step_s,
+                    measured_step_s=r.measured_step_s, predicted_memory_bytes=1,
+                    measured_memory_bytes=None, predicted_des_step_s=r.measured_step_s * 1.05)
+                for r in rows]
+    s = summary(with_des)
+    assert s["step_time_mape_des"] == pytest.approx(0.05)
+    assert s["kendall_tau_des"] == pytest.approx(1.0)
 
 
 def test_profile_then_validate_end_to_end(tmp_path, capsys):

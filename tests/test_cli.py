@@ -47,7 +47,8 @@ def test_simulate_des_trace_json(capsys, tmp_path, model, plan):
 
 
 def test_simulate_prints_goodput_under_failures(capsys):
-    rc = main(BASE + ["--plan", "tp=8,pp=2,sp=on,zero=1", "--json", "--mtbf-hours", "3", "--checkpoint-s", "120", "--restart-s", "600"])
+    rc = main(BASE + ["--plan", "tp=8,pp=2,sp=on,zero=1", "--json", "--mtbf-hours", "3",
+                      "--checkpoint-s", "120", "--restart-s", "600"])
     good = json.loads(capsys.readouterr().out)["goodput"]
     assert rc == 0 and 0.5 < good["goodput"] < 1 and good["failures"] > 100
     assert abs(good["goodput"] - good["expected_goodput"]) < 0.02

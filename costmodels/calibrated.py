@@ -56,6 +56,8 @@ class HardwareProfile:
     # "layer" | "stage" | "stage:pp" | "layer:<mechanism>" -> [forward s, backward s] the
     # runtime spends beyond its ops and messages (`CostModel.overhead_s`)
     overheads: dict[str, list[float]] = field(default_factory=dict)
+    # str(processes) -> how much slower compute runs while its rank communicates
+    overlap_slowdown: dict[str, float] = field(default_factory=dict)
     source: str = ""
 
 
@@ -171,8 +173,14 @@ class CalibratedCosts:
         return (tensors * per_tensor + params * per_param) * self.slowdown
 
     def overlap_slowdown(self) -> float:
-        """Not measured by the profile yet: the nominal model's published average."""
-        return OVERLAP_SLOWDOWN
+        """Measured with this job's process count (`commbench.overlap_slowdown`: a GEMM
+        loop with an all-reduce in flight); the published average where not measured."""
+        table = self.profile.overlap_slowdown
+        if not table:
+            return OVERLAP_SLOWDOWN
+        counts = sorted(int(k) for k in table)
+        n = max([k for k in counts if k <= self.cluster.n_gpus] or counts[:1])
+        return table[str(n)]
 
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         """The measured time of the runtime's implementation of the op when profiled (it

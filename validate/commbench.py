@@ -5,8 +5,9 @@
 
 Times all-reduce, all-gather, reduce-scatter and all-to-all over sizes (the slowest rank's
 mean over a fixed number of repeats, the same on every rank), p2p as half a ping-pong
-between ranks 0 and 1, and the GEMMs of `CONCURRENT_GEMMS` run by every rank at once, to
-measure how much compute slows when N processes share the machine. Rank 0 writes JSON.
+between ranks 0 and 1, the GEMMs of `CONCURRENT_GEMMS` run by every rank at once, to
+measure how much compute slows when N processes share the machine, and how much compute
+slows while its own rank communicates. Rank 0 writes JSON.
 """
 
 from __future__ import annotations
@@ -95,6 +96,40 @@ def concurrent_gemm_rows(device: torch.device) -> list[list]:
     return rows
 
 
+def overlap_slowdown(device: torch.device, nbytes: int = 4 * 2**20, reps: int = 5) -> float:
+    """How much slower a GEMM loop runs while all-reduces are in flight on the same rank
+    (the event engine's `overlap_slowdown`): the loop alone, then again after queueing
+    enough all-reduces of `nbytes` to outlast it (the same count on every rank); the
+    slowest rank's ratio, median of `reps`."""
+    a = torch.randn(512, 512, device=device)
+    buf = torch.randn(nbytes // 4, device=device)
+
+    def loop() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(40):
+            a @ a
+        sync(device)
+        return time.perf_counter() - t0
+
+    alone = loop()
+    one = _timed(lambda: dist.all_reduce(buf), 3, device)
+    count = torch.tensor([2.0 * alone / one + 1], dtype=torch.float64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    ratios = []
+    for _ in range(reps):
+        dist.barrier()
+        alone = loop()
+        dist.barrier()
+        works = [dist.all_reduce(buf, async_op=True) for _ in range(int(count.item()))]
+        ratios.append(loop() / alone)
+        for w in works:
+            w.wait()
+    ratio = torch.tensor([sorted(ratios)[reps // 2]], dtype=torch.float64, device=device)
+    dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
+    return ratio.item() - 1.0
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="meshplan.validate.commbench")
     p.add_argument("out")
@@ -110,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(s) for s in a.sizes.split(",")]
     run_worker(a.out, "nccl" if a.device == "cuda" else "gloo", lambda: {
         "processes": dist.get_world_size(), "collectives": collective_rows(sizes, device),
-        "gemm": concurrent_gemm_rows(device)})
+        "gemm": concurrent_gemm_rows(device), "overlap_slowdown": overlap_slowdown(device)})
 
 
 def run_worker(out: str, backend: str, record) -> None:

@@ -189,7 +189,7 @@ def _shared_machine(opts: ProfileOptions, device, say) -> dict:
     steps ran 20-40% slower than predicted with it.) This process times the GEMMs just
     before and just after each job, so a drift of the shared machine in between is
     averaged out."""
-    collectives, concurrency = {}, {"1": 1.0}
+    collectives, concurrency, overlap = {}, {"1": 1.0}, {}
     for n in opts.processes:
         say(f"collectives and shared compute with {n} processes ...")
         before = _alone(device)
@@ -198,7 +198,9 @@ def _shared_machine(opts: ProfileOptions, device, say) -> dict:
         alone = {shape: (before[shape] + after[shape]) / 2 for shape in before}
         collectives[str(n)] = fit_collectives(rec["collectives"], n)
         concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
-    return {"collectives": collectives, "concurrency": concurrency}
+        overlap[str(n)] = max(0.0, rec["overlap_slowdown"])
+    return {"collectives": collectives, "concurrency": concurrency,
+            "overlap_slowdown": overlap}
 
 
 def _alone(device) -> dict[tuple, float]:

@@ -98,6 +98,21 @@ class LayerParts:
                 Phase(compute=self.bwd, recompute=self.recompute, comm=comm_b))
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DpUnits:
+    """One rank's data-parallel traffic over one group, cut into equal units."""
+
+    group: coll.Group
+    zero: bool  # ZeRO/FSDP: gradients reduce-scattered, parameters all-gathered per unit
+    units: int
+    unit_bytes: float
+    layers: int  # transformer layers on the rank (ZeRO: one unit each, plus the root)
+
+    @property
+    def grad_op(self) -> coll.Collective:
+        return "reduce_scatter" if self.zero else "all_reduce"
+
+
 def ops_time_s(costs: CostModel, dtype: str, ops: list[Op], eager: bool = False) -> float:
     """Seconds for a list of ops. FP8 applies to GEMMs; attention runs in 16-bit."""
     attn_dtype = "bf16" if dtype == "fp8" else dtype
@@ -457,32 +472,38 @@ class PlanCosts:
         return self._peak
 
     # ---- data parallelism and optimizer -------------------------------------------------
-    def dp_exposed_s(self, rank: int, phase_f: float, phase_b: float) -> tuple[float, float]:
-        """(exposed seconds, total seconds) of DP/FSDP communication for one step.
-
-        Collectives go one unit at a time, each paying its latency: ZeRO shards per layer
-        (FSDP2 wraps each block and the root: layers + 1 units; Zhao et al. 2023 §3),
-        ZeRO-0 reduces DDP buckets (Li et al. 2020 §3.2.3). Gradients are reduced once per
-        step, after the last micro-batch's backward (no sync while accumulating).
-        """
+    def dp_units(self, rank: int) -> list[DpUnits]:
+        """How a rank's data-parallel traffic is cut, per group (dense parameters over DP×CP,
+        experts over the expert-data-parallel group). Collectives go one unit at a time,
+        each paying its latency: ZeRO shards per layer (FSDP2 wraps each block and the
+        root: layers + 1 units; Zhao et al. 2023 §3), ZeRO-0 reduces DDP buckets (Li et al.
+        2020 §3.2.3)."""
         p = self.plan
         dense, expert = self.rank_params(rank)
         nlayers = max(1, sum(self.stage_layers[rank::p.pp]))
-        total = exposed = 0.0
         elem = 4 if self.work.dtype == "fp32" else 2  # gradient bytes as reduced
+        out = []
         for params, group in ((dense, self.dp_group), (expert, self.edp_group)):
             grad_bytes = elem * params
             if group.size <= 1 or params == 0:
                 continue
-            if p.zero == 0:
-                units = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
-                grads = units * self.costs.collective_s(group, "all_reduce", grad_bytes / units)
-                gather = 0.0
-            else:
-                units = nlayers + 1
-                grads = units * self.costs.collective_s(group, "reduce_scatter",
-                                                        grad_bytes / units)
-                gather = units * self.costs.collective_s(group, "all_gather", grad_bytes / units)
+            units = (max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)) if p.zero == 0
+                     else nlayers + 1)
+            out.append(DpUnits(group=group, zero=p.zero >= 1, units=units,
+                               unit_bytes=grad_bytes / units, layers=nlayers))
+        return out
+
+    def dp_exposed_s(self, rank: int, phase_f: float, phase_b: float) -> tuple[float, float]:
+        """(exposed seconds, total seconds) of DP/FSDP communication for one step, unit by
+        unit (`dp_units`). Gradients are reduced once per step, after the last
+        micro-batch's backward (no sync while accumulating)."""
+        p = self.plan
+        total = exposed = 0.0
+        for u in self.dp_units(rank):
+            units = u.units
+            grads = units * self.costs.collective_s(u.group, u.grad_op, u.unit_bytes)
+            gather = units * self.costs.collective_s(u.group, "all_gather", u.unit_bytes) \
+                if u.zero else 0.0
             if self.regathers:
                 total += self.m * 2 * gather + grads
                 if p.dp_overlap:  # the next unit's gather runs under this one's compute

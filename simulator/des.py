@@ -39,7 +39,7 @@ from meshplan.core.schedule import Action, PipelineSchedule, build_schedule
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
 
-from .analytical import DDP_BUCKET_BYTES, CostCache, LayerParts, PlanCosts, prepare, summarise
+from .analytical import CostCache, LayerParts, PlanCosts, prepare, summarise
 from .fluid import Fluid, Job, Link
 
 CATEGORIES = ("compute", "recompute", "exposed_comm", "bubble", "offload", "optimizer")
@@ -329,30 +329,21 @@ class _Engine:
         reductions with how many of the rank's layers each waits for. Units as the
         analytical engine prices them (`PlanCosts.dp_exposed_s`)."""
         cm, plan = self.cm, self.cm.plan
-        elem = 4 if cm.work.dtype == "fp32" else 2
         gathers: dict[int, list[tuple[_Flow, ...]]] = {}
         grads: dict[int, list[tuple[int, tuple[_Flow, ...]]]] = {}
         for r in range(plan.pp):
-            dense, expert = cm.rank_params(r)
-            layers = max(1, sum(cm.stage_layers[r::plan.pp]))
             per_group_g, per_group_r = [], []
-            for params, group in ((dense, cm.dp_group), (expert, cm.edp_group)):
-                nbytes = elem * params
-                if group.size <= 1 or params == 0:
+            for u in cm.dp_units(r):
+                red = self.pr.collective("dp", u.group, u.grad_op, u.unit_bytes)
+                if not u.zero:  # DDP bucket k waits for its share of the layers
+                    per_group_r.append([(min(u.layers, math.ceil((k + 1) * u.layers / u.units)),
+                                         red) for k in range(u.units)])
                     continue
-                if plan.zero == 0:
-                    units = max(1, math.ceil(nbytes / DDP_BUCKET_BYTES))
-                    flows = self.pr.collective("dp", group, "all_reduce", nbytes / units)
-                    per_group_r.append([(min(layers, math.ceil((k + 1) * layers / units)),
-                                         flows) for k in range(units)])
-                    continue
-                units = layers + 1
-                rs = self.pr.collective("dp", group, "reduce_scatter", nbytes / units)
-                per_group_r.append([(min(k + 1, layers), rs) for k in range(units)])
-                t = cm.costs.collective_s(group, "all_gather", nbytes / units)
-                per_group_g.append([self.pr.collective("dp", group, "all_gather",
-                                                       nbytes / units, t * (2 if k == 0 else 1))
-                                    for k in range(layers)])
+                per_group_r.append([(min(k + 1, u.layers), red) for k in range(u.units)])
+                t = cm.costs.collective_s(u.group, "all_gather", u.unit_bytes)
+                per_group_g.append([self.pr.collective("dp", u.group, "all_gather", u.unit_bytes,
+                                                       t * (2 if k == 0 else 1))
+                                    for k in range(u.layers)])
             # dense and expert units in the order their layers complete (stable sort)
             grads[r] = sorted((u for units in per_group_r for u in units), key=lambda u: u[0])
             gathers[r] = [tuple(f for g in unit for f in g)

@@ -174,13 +174,15 @@ class CalibratedCosts:
 
     def overlap_slowdown(self) -> float:
         """Measured with this job's process count (`commbench.overlap_slowdown`: a GEMM
-        loop with an all-reduce in flight); the published average where not measured."""
+        loop with all-reduces in flight); the published average where not measured. A
+        measured speed-up (below 0: the machine drifted between the two loops) is read as
+        no slowdown, since traffic cannot make compute faster."""
         table = self.profile.overlap_slowdown
         if not table:
             return OVERLAP_SLOWDOWN
         counts = sorted(int(k) for k in table)
         n = max([k for k in counts if k <= self.cluster.n_gpus] or counts[:1])
-        return table[str(n)]
+        return max(0.0, table[str(n)])
 
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         """The measured time of the runtime's implementation of the op when profiled (it

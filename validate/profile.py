@@ -198,7 +198,7 @@ def _shared_machine(opts: ProfileOptions, device, say) -> dict:
         alone = {shape: (before[shape] + after[shape]) / 2 for shape in before}
         collectives[str(n)] = fit_collectives(rec["collectives"], n)
         concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
-        overlap[str(n)] = max(0.0, rec["overlap_slowdown"])
+        overlap[str(n)] = rec["overlap_slowdown"]
     return {"collectives": collectives, "concurrency": concurrency,
             "overlap_slowdown": overlap}
 

@@ -35,7 +35,7 @@ from meshplan.core.errors import require
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.results import SimResult, TimeBreakdown
-from meshplan.core.schedule import Action, PipelineSchedule, build_schedule
+from meshplan.core.schedule import Action, PipelineSchedule, build_schedule, splits_backward
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
 
@@ -282,7 +282,7 @@ class _Engine:
         self.env = simpy.Environment()
         self.pr = _Pricer(cm)
         plan = cm.plan
-        self.split_w = any(a.kind == "W" for a in schedule.actions[0])
+        self.split_w = splits_backward(schedule)
         self.programs = [_stage_program(cm, self.pr, s, self.split_w)
                          for s in range(len(cm.stage_layers))]
         self.classes = self._classes()

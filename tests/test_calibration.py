@@ -124,7 +124,8 @@ def test_profile_then_validate_end_to_end(tmp_path, capsys):
     from meshplan.cli import main
 
     hw = tmp_path / "hw.json"
-    assert main(["profile", "--out", str(hw), "--processes", "2", "--dtypes", "fp32"]) == 0
+    assert main(["profile", "--out", str(hw), "--processes", "2", "--dtypes", "fp32",
+                 "--quick"]) == 0
     prof = profile_from_dict(json.loads(hw.read_text()))
     assert prof.gemm["fp32"] and "2" in prof.collectives and prof.elementwise["fp32"]
     capsys.readouterr()

@@ -38,6 +38,10 @@ class ProfileOptions:
     gemm_sizes: tuple[int, ...] = GEMM_SIZES
     max_gemm_flops: float = 4e9
     comm_sizes: tuple[int, ...] = COMM_SIZES
+    mechanisms: bool = True  # time each parallel mechanism's layer (the slowest part)
+
+
+QUICK = {"gemm_sizes": GEMM_SIZES[:6], "comm_sizes": COMM_SIZES[:6], "mechanisms": False}
 
 
 def fit_line(x: list[float], t: list[float]) -> tuple[float, float]:
@@ -89,7 +93,7 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     costs = CalibratedCosts(load_cluster("cpu", gpus=1), prof)
     prof = replace(prof, overheads=overheads(costs, opts.dtypes[0], device))
     prof = replace(prof, **_shared_machine(opts, device, say))
-    if device.type == "cpu" and 2 in opts.processes:
+    if opts.mechanisms and device.type == "cpu" and 2 in opts.processes:
         say("per-layer cost of each parallel mechanism with 2 processes ...")
         prof = mechanism_overheads(prof, _torchrun(2, "mechbench", []))
     return {**profile_to_dict(prof), "peaks": peaks(prof)}

@@ -76,9 +76,13 @@ def _check_pipeline(model, work, plan, bad) -> None:
                 f"{model.n_layers} layers")
     if plan.vpp > 1 and plan.schedule != "interleaved":  # zb is ZB-H1: one chunk per rank
         bad("plan.schedule", f"vpp={plan.vpp} needs schedule=interleaved, got {plan.schedule}")
-    if plan.schedule == "dualpipe":
-        bad("plan.schedule", "dualpipe is not modelled yet (gpipe, 1f1b, interleaved, zb)")
     m = plan.micro_batches(work.global_batch) if plan.dp * plan.mbs else 0
+    if plan.schedule == "dualpipe":  # DeepSeek-V3 report §3.2.1; deepseek-ai/DualPipe
+        if plan.pp < 2 or plan.pp % 2:
+            bad("plan.pp", f"dualpipe needs an even pp >= 2, got {plan.pp}")
+        if m % 2 or m < 2 * plan.pp:
+            bad("plan.mbs", f"dualpipe needs an even number of micro-batches >= 2*pp = "
+                f"{2 * plan.pp}, got {m}")
     if plan.vpp > 1 and m % plan.pp:
         bad("plan.vpp", f"interleaving needs micro-batches ({m}) divisible by pp ({plan.pp})")
 

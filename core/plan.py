@@ -193,3 +193,12 @@ def default_stage_layers(n_layers: int, n_stages: int) -> tuple[int, ...]:
 def layer_split(model: ModelSpec, plan: Plan) -> tuple[int, ...]:
     """Transformer layers per virtual stage: the plan's own split, else the default."""
     return plan.stage_layers or default_stage_layers(model.n_layers, plan.n_stages)
+
+
+def rank_blocks(plan: Plan, rank: int, n_blocks: int) -> tuple[int, ...]:
+    """Indices into the layer split that a pipeline rank holds: every pp-th from its own
+    (Megatron's interleaved placement, Narayanan et al. 2021 §2.2.2), or under DualPipe the
+    blocks of both directions, `rank` and `pp − 1 − rank` (DeepSeek-V3 report §3.2.1)."""
+    if plan.schedule == "dualpipe":
+        return (rank, plan.pp - 1 - rank)
+    return tuple(range(rank, n_blocks, plan.pp))

@@ -142,7 +142,8 @@ def inflight_microbatches(schedule: str, pp: int, vpp: int, rank: int, m: int) -
     """Micro-batches of a whole rank's layers alive at its peak, from the schedule IR's rule.
 
     GPipe keeps all m; 1F1B keeps min(p − r, m) (Narayanan 2021 §2.2.1); ZB-H1 min(p, m)
-    on every rank (Qi et al. 2023 §3.1); interleaving keeps
+    on every rank (Qi et al. 2023 §3.1); DualPipe p + 1 of a block, half the rank's
+    layers; interleaving keeps
     (p − r − 1)·2 + (v − 1)·p + 1 model chunks of 1/v of the layers (Megatron-LM schedule),
     i.e. 1 + (p − 1)/(p·v) of the layers' worth on rank 0 (Korthikanti §4.2.3). Tests check
     these against `meshplan.core.schedule.peak_inflight`.
@@ -151,6 +152,8 @@ def inflight_microbatches(schedule: str, pp: int, vpp: int, rank: int, m: int) -
         return float(m)
     if schedule == "zb":  # ZB-H1: every rank up to 1F1B's first-rank peak (W frees)
         return float(min(pp, m))
+    if schedule == "dualpipe":  # p + 1 micro-batches of one of the rank's two blocks
+        return (pp + 1) / 2  # (DeepSeek-V3 report Table 2)
     if vpp == 1:
         return float(min(pp - rank, m))
     chunks = min((pp - rank - 1) * 2 + (vpp - 1) * pp + 1, m * vpp)

@@ -127,6 +127,8 @@ def megatron_args(model: ModelSpec, work: TrainWorkload, plan: Plan) -> str:
             "Megatron-LM has DDP (zero=0), the distributed optimizer (zero=1) and FSDP "
             f"(zero=3), not ZeRO-{plan.zero}")
     require(model.mla is None, "model.mla", "MLA export to Megatron is not written yet")
+    require(plan.pp == 1 or plan.schedule in ("1f1b", "interleaved"), "plan.schedule",
+            f"Megatron-LM pipelines with 1F1B or interleaved 1F1B, not {plan.schedule}")
     a = _megatron_model_args(model, work) + [
         "--tensor-model-parallel-size", str(plan.tp),
         "--pipeline-model-parallel-size", str(plan.pp),

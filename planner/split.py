@@ -425,7 +425,11 @@ def _total(costs: PlanCosts, moe: bool) -> float:
 def optimise_split(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,
                    cache: CostCache | None = None,
                    time_limit_s: float = 10.0) -> tuple[int, ...] | None:
-    """The best split for `plan` (DP when exact, else ILP); None when none fits."""
+    """The best split for `plan` (DP when exact, else ILP); None when none fits, or for
+    DualPipe, whose mirrored placement (rank r holds blocks r and pp − 1 − r) this
+    formulation does not describe."""
+    if plan.schedule == "dualpipe":
+        return None
     pr = split_problem(model, cluster, work, plan, cache)
     try:
         split = dp_split(pr) if pr.vpp == 1 else ilp_split(pr, time_limit_s)

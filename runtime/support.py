@@ -42,6 +42,10 @@ def refuse_unsupported_plan(spec: ModelSpec, plan: Plan, cuda: bool) -> None:
         raise SpecError("plan.schedule", "zb (ZB-H1) splits backward into input- and "
                         "weight-gradient passes, which the runtime's pipeline does not yet "
                         "run; the simulators model it")
+    if plan.schedule == "dualpipe":
+        raise SpecError("plan.schedule", "dualpipe keeps two copies of every block and "
+                        "pairs passes of opposite directions, which the runtime's pipeline "
+                        "does not yet run; the simulators model it")
     if spec.qk_norm and plan.tp > 1:
         raise SpecError("model.qk_norm", f"QK-norm with tp={plan.tp} is not built yet")
     if plan.expert_placement is not None and spec.moe is not None:

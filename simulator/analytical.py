@@ -20,8 +20,9 @@ from meshplan.core.check import check_plan
 from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
-from meshplan.core.plan import Plan, layer_split
+from meshplan.core.plan import Plan, layer_split, rank_blocks
 from meshplan.core.results import MemoryBreakdown, SimResult, TimeBreakdown
+from meshplan.core.schedule import build_schedule, execute
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
 from meshplan.costmodels import memory as mem
@@ -167,6 +168,7 @@ class PlanCosts:
         self.edp = plan.dp * plan.cp * plan.tp // (plan.ep * plan.etp)
         self.edp_group = coll.group_of(cluster, self.edp, plan.ep * plan.etp)
         self.pp_crosses_node = plan.tp * plan.cp * plan.dp >= gpn
+        self.twin_group = coll.group_of(cluster, 2, plan.tp * plan.cp * plan.dp)
         n = len(self.stage_layers)
         self.kinds = [self._stage_kinds(s) for s in range(n)]
         self._layer_params = {k: self._one_layer_params(k) for k in (False, True)}
@@ -177,8 +179,9 @@ class PlanCosts:
             if key not in seen:
                 seen[key] = self._stage_params(s)
             self.params.append(seen[key])
+        self.rank_stages = [rank_blocks(plan, r, n) for r in range(plan.pp)]
         self.signatures = [tuple((self.kinds[s], s == 0, s == n - 1)
-                                 for s in range(r, n, plan.pp)) for r in range(plan.pp)]
+                                 for s in self.rank_stages[r]) for r in range(plan.pp)]
 
     @cached_property
     def phases(self) -> list[tuple[Phase, Phase]]:
@@ -347,27 +350,41 @@ class PlanCosts:
 
     @cached_property
     def rank_phases(self) -> list[Phase]:
-        """Per micro-batch work of each pipeline rank over all its chunks."""
+        """Per micro-batch work of each pipeline rank over all its chunks (under DualPipe a
+        micro-batch passes one of the rank's two blocks: their mean)."""
         seen: dict[tuple, Phase] = {}
         out = []
+        share = 0.5 if self.plan.schedule == "dualpipe" else 1.0
         for rank in range(self.plan.pp):
             sig = self.signatures[rank]
             if sig not in seen:
                 total = Phase()
-                for stage in range(rank, len(self.stage_layers), self.plan.pp):
+                for stage in self.rank_stages[rank]:
                     f, b = self.phases[stage]
                     total = total + f + b
-                seen[sig] = total
+                seen[sig] = total.scale(share) if share != 1.0 else total
             out.append(seen[sig])
         return out
 
     def rank_wgrad_s(self, rank: int) -> float:
-        """Seconds of one micro-batch's weight-gradient GEMMs on a rank (as long as the
-        forward GEMMs); what a split-backward schedule can move into the bubble."""
-        dense = sum(self.kinds[s][0] for s in range(rank, len(self.stage_layers), self.plan.pp))
-        moe = sum(self.kinds[s][1] for s in range(rank, len(self.stage_layers), self.plan.pp))
+        """Seconds of one micro-batch's weight-gradient GEMMs on a rank; what a
+        split-backward schedule can move into the bubble."""
+        return sum(self.block_wgrad_s(s) for s in self.rank_stages[rank])
+
+    def block_wgrad_s(self, block: int) -> float:
+        """One micro-batch's weight-gradient GEMMs in one block (as long as the forward's)."""
+        dense, moe = self.kinds[block]
         out = dense * self.layer_parts(False).gemm_f
         return out + (moe * self.layer_parts(True).gemm_f if moe else 0.0)
+
+    def twin_sync_s(self, rank: int) -> float:
+        """DualPipe keeps each block on two ranks (r and pp − 1 − r); their gradients are
+        summed by an all-reduce between the two before the optimizer step."""
+        if self.plan.schedule != "dualpipe":
+            return 0.0
+        dense, expert = self.rank_params(rank)
+        elem = 4 if self.work.dtype == "fp32" else 2
+        return self.costs.collective_s(self.twin_group, "all_reduce", elem * (dense + expert))
 
     def p2p_s(self) -> float:
         """One pipeline send; steady-state sends hide behind compute, fill/drain's do not."""
@@ -420,34 +437,36 @@ class PlanCosts:
         gathered = 4 * (dense + expert) if p.zero == 3 and not self.regathers else 0.0
         return wd + we, gd + ge, optimizer, gathered
 
+    def rank_layers(self, rank: int) -> int:
+        return sum(self.stage_layers[s] for s in self.rank_stages[rank])
+
     def rank_params(self, rank: int) -> tuple[float, float]:
         dense = expert = 0.0
-        for stage in range(rank, len(self.stage_layers), self.plan.pp):
+        for stage in self.rank_stages[rank]:
             d, e = self.params[stage]
             dense, expert = dense + d, expert + e
         return dense, expert
 
     def rank_memory(self, rank: int) -> MemoryBreakdown:
-        p = self.plan
         dense, expert = self.rank_params(rank)
         weights, grads, optimizer, gathered = self.state_bytes(dense, expert)
         buffers = self.cluster.device.runtime_reserved_bytes + gathered
         if self.regathers:  # current and prefetched layer gathered, + their grads
-            layer = (dense + expert) / max(1, sum(self.stage_layers[rank::p.pp]))
+            layer = (dense + expert) / max(1, self.rank_layers(rank))
             buffers += 2 * 4 * layer
         return MemoryBreakdown(weights=weights, gradients=grads, optimizer=optimizer,
                                activations=self._rank_activations(rank), buffers=buffers)
 
     def _rank_activations(self, rank: int) -> float:
         p = self.plan
-        dense = sum(self.kinds[s][0] for s in range(rank, len(self.stage_layers), p.pp))
-        moe = sum(self.kinds[s][1] for s in range(rank, len(self.stage_layers), p.pp))
+        dense = sum(self.kinds[s][0] for s in self.rank_stages[rank])
+        moe = sum(self.kinds[s][1] for s in self.rank_stages[rank])
         per_mb = dense * self.layer_acts(p.recompute, False)
         if moe:
             per_mb += moe * self.layer_acts(p.recompute, True)
         live = mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, self.m)
         acts = per_mb * live + self.recompute_peak_bytes()
-        if rank == (len(self.stage_layers) - 1) % p.pp:
+        if len(self.stage_layers) - 1 in self.rank_stages[rank]:
             acts += mem.head_activation_bytes(self.model, self.shard,
                                               self.plan.kernels == "eager")
         return acts
@@ -480,7 +499,7 @@ class PlanCosts:
         2020 §3.2.3)."""
         p = self.plan
         dense, expert = self.rank_params(rank)
-        nlayers = max(1, sum(self.stage_layers[rank::p.pp]))
+        nlayers = max(1, self.rank_layers(rank))
         elem = 4 if self.work.dtype == "fp32" else 2  # gradient bytes as reduced
         out = []
         for params, group in ((dense, self.dp_group), (expert, self.edp_group)):
@@ -543,7 +562,7 @@ class PlanCosts:
         """Parameter tensors a rank steps (FSDP shards every tensor, so ZeRO keeps them)."""
         model, n = self.model, len(self.stage_layers)
         total = 0
-        for stage in range(rank, n, self.plan.pp):
+        for stage in self.rank_stages[rank]:
             start = sum(self.stage_layers[:stage])
             total += sum(model.layer_tensors(i)
                          for i in range(start, start + self.stage_layers[stage]))
@@ -572,30 +591,70 @@ def simulate_analytical(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkl
 def assemble(cm: PlanCosts) -> SimResult:
     plan = cm.plan
     ranks = cm.rank_phases
-    worst = max(range(plan.pp), key=lambda r: ranks[r].total)
+    if plan.schedule == "dualpipe":
+        worst, fill, hidden = _dualpipe_pipeline(cm)
+    else:
+        worst = max(range(plan.pp), key=lambda r: ranks[r].total)
+        fill, hidden = _closed_form_fill(cm, worst), 0.0
     t_max = ranks[worst].total
-    fill = (sum(r.total for r in ranks) - t_max) / plan.vpp
+    p2p = 2 * (plan.pp - 1) * cm.p2p_s() if plan.pp > 1 else 0.0
+    pipeline = cm.m * t_max - hidden + fill + p2p
+
+    fwd_b = [cm.phases[s] for s in cm.rank_stages[worst]]
+    phase_f = sum(f.total for f, _ in fwd_b)
+    phase_b = sum(b.total for _, b in fwd_b)
+    dp_exposed, dp_total = cm.dp_exposed_s(worst, phase_f, phase_b)
+    dp_exposed += cm.twin_sync_s(worst)
+    opt_s, offload_s = cm.optimizer_s(worst)
+    step = pipeline + dp_exposed + opt_s + offload_s
+
+    w = ranks[worst]
+    layers_exposed = cm.m * w.comm - hidden
+    time = TimeBreakdown(compute=cm.m * w.compute, recompute=cm.m * w.recompute,
+                         exposed_comm=layers_exposed + p2p + dp_exposed, bubble=fill,
+                         offload=offload_s, optimizer=opt_s)
+    return summarise(cm, step, time, {"dp_total": dp_total, "dp_exposed": dp_exposed,
+                                      "pp_p2p": p2p, "layers_exposed": layers_exposed})
+
+
+def _closed_form_fill(cm: PlanCosts, worst: int) -> float:
+    """Fill and drain of the one-direction schedules: (Σ_r t_r − t_max)/v."""
+    plan, ranks = cm.plan, cm.rank_phases
+    fill = (sum(r.total for r in ranks) - ranks[worst].total) / plan.vpp
     if plan.schedule == "zb" and plan.pp > 1:
         # ZB-H1 (Qi et al. 2023 §3.1): weight-gradient passes fill the drain, so each
         # rank's fill/drain costs T_F + T_B − T_W instead of T_F + T_B + T_W
         w = [cm.rank_wgrad_s(r) for r in range(plan.pp)]
         fill -= 2 * (sum(w) - w[worst])
-    p2p = 2 * (plan.pp - 1) * cm.p2p_s() if plan.pp > 1 else 0.0
-    pipeline = cm.m * t_max + fill + p2p
+    return fill
 
-    fwd_b = cm.phases[worst::plan.pp]
-    phase_f = sum(f.total for f, _ in fwd_b)
-    phase_b = sum(b.total for _, b in fwd_b)
-    dp_exposed, dp_total = cm.dp_exposed_s(worst, phase_f, phase_b)
-    opt_s, offload_s = cm.optimizer_s(worst)
-    step = pipeline + dp_exposed + opt_s + offload_s
 
-    w = ranks[worst]
-    time = TimeBreakdown(compute=cm.m * w.compute, recompute=cm.m * w.recompute,
-                         exposed_comm=cm.m * w.comm + p2p + dp_exposed, bubble=fill,
-                         offload=offload_s, optimizer=opt_s)
-    return summarise(cm, step, time, {"dp_total": dp_total, "dp_exposed": dp_exposed,
-                                      "pp_p2p": p2p, "layers_exposed": cm.m * w.comm})
+def _dualpipe_pipeline(cm: PlanCosts) -> tuple[int, float, float]:
+    """(slowest rank, its idle seconds, its communication seconds hidden by pairing).
+
+    DualPipe's two directions have no closed form for uneven blocks, so the schedule IR is
+    executed with each block's F, B (input gradients) and W. A paired forward and backward
+    run as one chunk whose communication overlaps the other's compute (DeepSeek-V3 report
+    §3.2.1, Fig. 4): the pair takes max(compute, communication) of the two together
+    instead of their sum, i.e. saves min(ΣcF+cB, ΣmF+mB)."""
+    plan = cm.plan
+    sched = build_schedule("dualpipe", plan.pp, cm.m)
+    n = sched.n_stages
+    f = [cm.phases[sched.block(s)][0] for s in range(n)]
+    b = [cm.phases[sched.block(s)][1] for s in range(n)]
+    w = [cm.block_wgrad_s(sched.block(s)) for s in range(n)]
+
+    def pair_saving(fs: int, bs: int) -> float:
+        compute = f[fs].compute + f[fs].recompute + b[bs].compute + b[bs].recompute
+        return min(compute, f[fs].comm + b[bs].comm)
+
+    spans = execute(sched, [x.total for x in f], [x.total - w[s] for s, x in enumerate(b)],
+                    w, pair_saving)
+    end = max(s[-1][2] for s in spans)
+    busy = [sum(e - st for _, st, e in rank) for rank in spans]
+    worst = max(range(plan.pp), key=lambda r: busy[r])
+    hidden = cm.m * cm.rank_phases[worst].total - busy[worst]
+    return worst, end - busy[worst], hidden
 
 
 def summarise(cm: PlanCosts, step: float, time: TimeBreakdown, comm_s: dict[str, float],

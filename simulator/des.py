@@ -268,6 +268,7 @@ class _Rank:
     gathered: simpy.Event | None = None
     used: simpy.Event | None = None
     dp_done: simpy.Event | None = None
+    lock: simpy.Resource | None = None  # the compute stream, for paired passes
 
 
 def _bump(env: simpy.Environment, rank: _Rank, attr: str) -> None:
@@ -401,20 +402,28 @@ class _Engine:
         rank.spent[category] += self.env.now - t0
 
     def _blocks(self, rank: _Rank, blocks: list[_Block], gathering: bool, grad_pass: bool,
-                name: str):
+                name: str, lock: simpy.Resource | None = None):
+        """Run one pass's blocks; with `lock` (the rank's compute, shared with the pass it
+        is paired with) its communication waits are the pair's to account."""
         t_start = self.env.now
         for b in blocks:
             if b.gather and gathering:
                 yield from self._use_gather(rank)
-            t0 = self.env.now
             comm = self._run_flows(rank, b.flows) if b.flows else None
             if b.compute_s:
+                req = lock.request() if lock is not None else None
+                if req is not None:
+                    yield req
+                t0 = self.env.now
                 yield self.fluid.run(Job(work_s=b.compute_s * rank.slow, rank=rank.index))
                 rank.spent[b.kind] += self.env.now - t0
+                if lock is not None:
+                    lock.release(req)
             if comm is not None:
                 t1 = self.env.now
                 yield comm
-                rank.spent["exposed_comm"] += self.env.now - t1
+                if lock is None:
+                    rank.spent["exposed_comm"] += self.env.now - t1
             if b.grads_ready and grad_pass:
                 rank.layers_ready += 1
                 _bump(self.env, rank, "ready")
@@ -439,19 +448,30 @@ class _Engine:
                    if a.kind == grads_at}
         has_gathers = bool(self.gather_units[rank.pp])
         seen: set[int] = set()
-        for a in self.sched.actions[rank.pp]:
+
+        def compute_pass(a: Action, lock: simpy.Resource | None = None):
             k = a.kind
-            if k in ("F", "B", "W"):
-                prog = self.programs[a.stage]
-                blocks = {"F": prog.fwd, "B": prog.bwd, "W": prog.wgt}[k]
-                if k == "F":  # ZeRO-1/2 without overlap gathers after the optimizer step
-                    gathering = has_gathers and (cm.regathers or (
-                        a.stage not in seen and plan.dp_overlap))
-                    seen.add(a.stage)
-                else:
-                    gathering = has_gathers and k == "B" and cm.regathers
-                grad_pass = k == grads_at and a.microbatch == last_mb[a.stage]
-                yield from self._blocks(rank, blocks, gathering, grad_pass, str(a))
+            prog = self.programs[self.sched.block(a.stage)]
+            blocks = {"F": prog.fwd, "B": prog.bwd, "W": prog.wgt}[k]
+            if k == "F":  # ZeRO-1/2 without overlap gathers after the optimizer step
+                gathering = has_gathers and (cm.regathers or (
+                    a.stage not in seen and plan.dp_overlap))
+                seen.add(a.stage)
+            else:
+                gathering = has_gathers and k == "B" and cm.regathers
+            grad_pass = k == grads_at and a.microbatch == last_mb[a.stage]
+            return self._blocks(rank, blocks, gathering, grad_pass, str(a), lock)
+
+        acts = self.sched.actions[rank.pp]
+        for i, a in enumerate(acts):
+            k = a.kind
+            if a.paired:
+                continue  # ran with the forward before it
+            if k == "F" and i + 1 < len(acts) and acts[i + 1].paired:
+                yield from self._pair(rank, compute_pass(a, rank.lock),
+                                      compute_pass(acts[i + 1], rank.lock))
+            elif k in ("F", "B", "W"):
+                yield from compute_pass(a)
             elif k in ("SF", "SB"):
                 self._send(rank, a)
             elif k in ("RF", "RB"):
@@ -462,6 +482,14 @@ class _Engine:
             elif k == "OPT":
                 yield from self._optimizer(rank)
         rank.end_s = self.env.now
+
+    def _pair(self, rank: _Rank, first, second):
+        """A forward and a backward of the other direction at once (DualPipe): one
+        compute stream between them, so each one's communication can run under the
+        other's compute. What of the pair's time no compute explains is exposed comm."""
+        t0, before = self.env.now, sum(rank.spent.values())
+        yield self.env.all_of([self.env.process(first), self.env.process(second)])
+        rank.spent["exposed_comm"] += (self.env.now - t0) - (sum(rank.spent.values()) - before)
 
     def _arrival(self, cls: int, key: tuple) -> simpy.Event:
         full = (cls, *key)
@@ -484,11 +512,16 @@ class _Engine:
         if self.cm.plan.dp_overlap:
             assert rank.dp_done is not None
             yield from self._wait(rank, rank.dp_done, "exposed_comm")
-            return
-        for i, (_need, flows) in enumerate(self.grad_units[rank.pp]):
-            t0 = self.env.now
-            yield from self._collective(rank, ("grad", rank.pp, i), flows)
-            rank.spent["exposed_comm"] += self.env.now - t0
+        else:
+            for i, (_need, flows) in enumerate(self.grad_units[rank.pp]):
+                t0 = self.env.now
+                yield from self._collective(rank, ("grad", rank.pp, i), flows)
+                rank.spent["exposed_comm"] += self.env.now - t0
+        twin = self.cm.twin_sync_s(rank.pp)
+        if twin:  # DualPipe: the two copies of each block sum their gradients
+            flows = self.pr.collective("pp", self.cm.twin_group, "all_reduce", 1.0, twin,
+                                       "twin all_reduce")
+            yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
 
     def _optimizer(self, rank: _Rank):
         """The optimizer step, the host offload after it, and, for ZeRO-1/2 without
@@ -523,6 +556,7 @@ class _Engine:
         for rank in self.ranks:
             for attr in ("ready", "gathered", "used", "dp_done"):
                 setattr(rank, attr, self.env.event())
+            rank.lock = simpy.Resource(self.env, capacity=1)
             self.env.process(self._rank_proc(rank))
             if self.cm.plan.dp_overlap and self.grad_units[rank.pp]:
                 self.env.process(self._dp_stream(rank))
@@ -539,8 +573,7 @@ class _Engine:
     def _gather_uses(self, rank: _Rank) -> int:
         """Layer passes on this rank that wait for an all-gather in one step."""
         cm = self.cm
-        layers = sum(self.programs[s].layers
-                     for s in range(rank.pp, len(self.programs), cm.plan.pp))
+        layers = sum(self.programs[s].layers for s in cm.rank_stages[rank.pp])
         return 2 * layers * self.sched.n_microbatches if cm.regathers else layers
 
 

@@ -58,6 +58,10 @@ def test_check_plan_reports_numbers():
     assert "8 experts are not divisible by ep=16" in v.message
     [v] = _violations("llama3-8b", 64, "pp=4,vpp=2,mbs=2", batch=64 * 3)
     assert v.field == "plan.vpp"
+    [v] = _violations("llama3-8b", 48, "pp=3,schedule=dualpipe", batch=96)
+    assert v.field == "plan.pp" and "even pp" in v.message and "3" in v.message
+    [v] = _violations("llama3-8b", 64, "pp=4,mbs=2,schedule=dualpipe", batch=64)
+    assert v.field == "plan.mbs" and "2*pp = 8, got 2" in v.message
 
 
 def test_check_plan_memory():

@@ -63,6 +63,15 @@ class GradReducer:
                 chunk.set_reshard_after_backward(last)
         (self.armed.add if last else self.armed.discard)(stage)
 
+    def chunk_final(self, stage: int) -> None:
+        """A chunk's gradients were written outside autograd's accumulation (a split
+        backward's W pass) and are final: their buckets may go."""
+        if not self.overlap:
+            return
+        for b in self.buckets:
+            b.waiting -= {id(p) for p in b.params if self.chunk_of[id(p)] == stage}
+        self._launch_ready()
+
     def finish(self) -> None:
         """At the schedule's RG: launch what is left, wait, write back the means."""
         self._launch_ready(force=True)

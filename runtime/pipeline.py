@@ -1,6 +1,12 @@
 """Run one training step of a pipeline rank by walking its action list in the schedule IR.
 
-`F`/`B` run a model chunk forward/backward on one micro-batch; `SF`/`SB` send activations
+`F`/`B` run a model chunk forward/backward on one micro-batch; where the schedule splits
+backward (ZB-H1), `B` computes the gradient of the chunk's input only and `W` the weight
+gradients from what B kept (torch.distributed.pipelining's `stage_backward_input` and
+`stage_backward_weight`: B records the gradients reaching the nodes between the input's
+path and each weight, W finishes from there without redoing B's work). The first stage
+has no input gradient to send, so its whole backward runs at W, as in torch's own
+zero-bubble schedules. `SF`/`SB` send activations
 or gradients on (non-blocking, waited for at `RG`); `RF`/`RB` receive them (blocking);
 `RG` finishes the gradient reduction outside FSDP (`grads.py`); `OPT` ends the step (the
 caller steps the optimizer). Messages carry a tag made of (stage, micro-batch,
@@ -17,8 +23,9 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
-from meshplan.core.schedule import Action, PipelineSchedule
+from meshplan.core.schedule import Action, PipelineSchedule, splits_backward
 
 from .grads import GradReducer
 
@@ -35,6 +42,7 @@ class StepState:
     inputs: dict = field(default_factory=dict)  # (stage, mb) -> received activation
     outputs: dict = field(default_factory=dict)  # (stage, mb) -> output or scaled loss
     grads: dict = field(default_factory=dict)  # (stage, mb) -> received output gradient
+    deferred: dict = field(default_factory=dict)  # (stage, mb) -> what W needs from B
     sends: list = field(default_factory=list)
     loss_sum: float = 0.0
 
@@ -60,10 +68,16 @@ class PipelineRank:
         return st.loss_sum
 
     @cached_property
+    def split(self) -> bool:
+        return splits_backward(self.schedule)
+
+    @cached_property
     def last_backward(self) -> dict[int, int]:
-        """Stage -> the micro-batch of its last backward on this rank (gradients final)."""
+        """Stage -> the micro-batch of its last weight-gradient pass on this rank (B, or W
+        where backward is split): the chunk's gradients are final after it."""
+        kind = "W" if self.split else "B"
         return {a.stage: a.microbatch for a in self.schedule.actions[self.pp_rank]
-                if a.kind == "B"}
+                if a.kind == kind}
 
     def _run(self, a: Action, st: StepState, micro: list[MicroBatch]) -> None:
         key = (a.stage, a.microbatch)
@@ -92,10 +106,27 @@ class PipelineRank:
                       tag=self._tag(a.stage, a.microbatch, 1))
             st.grads[key] = buf
         elif a.kind == "B":
-            last = a.microbatch == self.last_backward[a.stage]
-            self.grads.arm(a.stage, self.chunks[a.stage], last)
             out = st.outputs.pop(key)
-            torch.autograd.backward(out, None if a.stage == n - 1 else st.grads.pop(key))
+            grad = None if a.stage == n - 1 else st.grads.pop(key)
+            if not self.split:
+                self._arm(a)
+                torch.autograd.backward(out, grad)
+            elif a.stage == 0:
+                st.deferred[key] = (out, grad)
+            else:
+                _, groups = stage_backward_input([out], None if grad is None else [grad],
+                                                 [st.inputs[key]],
+                                                 self.chunks[a.stage].parameters())
+                st.deferred[key] = groups
+        elif a.kind == "W":
+            last = self._arm(a)
+            chunk = self.chunks[a.stage]
+            if a.stage == 0:
+                torch.autograd.backward(*st.deferred.pop(key))
+            else:
+                stage_backward_weight(chunk.parameters(), st.deferred.pop(key))
+            if last:  # W writes .grad itself, past the reducer's accumulation hooks
+                self.grads.chunk_final(a.stage)
         elif a.kind == "SB":
             grad = st.inputs.pop(key).grad
             st.sends.append(dist.isend(grad.contiguous(),
@@ -105,6 +136,11 @@ class PipelineRank:
             for work in st.sends:
                 work.wait()
             self.grads.finish()
+
+    def _arm(self, a: Action) -> bool:
+        last = a.microbatch == self.last_backward[a.stage]
+        self.grads.arm(a.stage, self.chunks[a.stage], last)
+        return last
 
     def _tag(self, stage: int, microbatch: int, direction: int) -> int:
         return (stage * self.schedule.n_microbatches + microbatch) * 2 + direction

@@ -138,10 +138,12 @@ def test_eager_activation_model_counts_what_autograd_saves(name, layer):
     assert predicted == pytest.approx(sum(saved.values()), rel=0.06)
 
 
-@pytest.mark.parametrize("plan,reason", [("pp=2,schedule=zb", "weight-gradient"),
-                                         ("pp=2,schedule=dualpipe", "two copies")])
-def test_runtime_refuses_schedules_it_cannot_run(plan, reason):
+@pytest.mark.parametrize("plan,world,reason", [
+    ("dp=2,pp=2,zero=1,schedule=zb", 4, "past FSDP's hooks"),
+    ("pp=2,schedule=dualpipe", 2, "two copies")])
+def test_runtime_refuses_schedules_it_cannot_run(plan, world, reason):
     from meshplan.runtime.support import refuse_unsupported_plan
 
     with pytest.raises(SpecError, match=reason):
-        refuse_unsupported_plan(load_model("tiny-dense"), Plan.parse(plan).resolve(2), False)
+        refuse_unsupported_plan(load_model("tiny-dense"), Plan.parse(plan).resolve(world),
+                                False)

@@ -14,6 +14,7 @@ from meshplan.api import ENGINES, search, simulate, simulate_run, whatif
 from meshplan.core.errors import SpecError, require
 from meshplan.core.plan import Plan, parse_value
 from meshplan.core.planfile import PlanFile
+from meshplan.core.routing import synthetic_routing
 from meshplan.core.workload import TrainWorkload
 from meshplan.loaders import (
     cluster_names,
@@ -21,6 +22,7 @@ from meshplan.loaders import (
     load_model,
     load_plan_file,
     load_profile,
+    load_routing,
     model_names,
     save_plan_file,
 )
@@ -33,6 +35,8 @@ from meshplan.report import (
     des_table,
     measured_table,
     model_table,
+    placement_json,
+    placement_table,
     search_table,
     sim_table,
     whatif_table,
@@ -122,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_validate(sub)
     _add_run(sub)
+    _add_place(sub)
     ex = sub.add_parser("export", help="write a plan file as another engine's config")
     ex.add_argument("plan_file")
     ex.add_argument("--to", required=True, choices=list(TARGETS))
@@ -138,6 +143,27 @@ def _add_profile(sub) -> None:
     pr.add_argument("--quick", action="store_true",
                     help="smaller GEMM and message grids, no per-mechanism layer timings "
                          "(about a third of the time; the mechanisms' overheads go unpriced)")
+
+
+def _add_place(sub) -> None:
+    pl = sub.add_parser("place-experts", help="place MoE experts on GPUs (MILP vs EPLB)")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--cluster", required=True)
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs of one expert-parallel group")
+    pl.add_argument("--redundant", type=int, default=0, help="extra expert slots per layer")
+    pl.add_argument("--slots-per-gpu", type=int, default=0,
+                    help="most experts one GPU holds (default: ceil((experts+redundant)/gpus))")
+    src = pl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="routing trace: .npz or JSON with topk_ids "
+                     "[layers, tokens, k], or JSON with expert_tokens [layers, experts]")
+    src.add_argument("--synthetic", metavar="zipf[:SKEW]", help="seeded Zipf-skewed routing")
+    pl.add_argument("--affinity", type=float, default=0.0,
+                    help="synthetic: share of tokens that keep their experts' partners")
+    pl.add_argument("--tokens", type=int, default=4096, help="synthetic: tokens per layer")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--time-limit", type=float, default=60.0, help="seconds for the MILPs")
+    pl.add_argument("--out", help="write the EPLB-style maps as JSON")
+    pl.add_argument("--json", action="store_true")
 
 
 def _add_validate(sub) -> None:
@@ -376,6 +402,46 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _place(args: argparse.Namespace) -> int:
+    from meshplan.planner.placement import PlacementProblem, optimise_placement, token_costs_s
+
+    model, cluster = load_model(args.model), load_cluster(args.cluster, args.gpus)
+    require(model.moe is not None, "model", f"{model.name} has no experts to place")
+    assert model.moe is not None
+    if args.trace:
+        routing = load_routing(args.trace, model.moe.n_experts)
+    else:
+        kind, _, skew = args.synthetic.partition(":")
+        require(kind == "zipf", "synthetic", f"{args.synthetic!r}: expected zipf[:SKEW]")
+        routing = synthetic_routing(
+            n_layers=model.n_moe_layers, n_experts=model.moe.n_experts,
+            top_k=model.moe.top_k, tokens=args.tokens, skew=_float(skew or "1", "synthetic"),
+            affinity=args.affinity, seed=args.seed)
+    compute_s, nic_s = token_costs_s(model, cluster)
+    problem = PlacementProblem(routing=routing, n_gpus=cluster.n_gpus,
+                               gpus_per_node=min(cluster.node.gpus_per_node, cluster.n_gpus),
+                               redundant=args.redundant, slots_per_gpu=args.slots_per_gpu,
+                               compute_s_per_token=compute_s, nic_s_per_token=nic_s)
+    result = optimise_placement(problem, args.time_limit)
+    maps = result.placement.maps(routing.n_experts)
+    if args.out:
+        Path(args.out).write_text(json.dumps(maps) + "\n")
+    if args.json:
+        print(json.dumps(placement_json(result) | {"maps": maps}))
+    else:
+        print(f"{model.name}: {routing.n_layers} MoE layers of {routing.n_experts} experts on "
+              f"{cluster.n_gpus} GPUs, {args.redundant} redundant slots ({routing.source})")
+        print(placement_table(result))
+    return 0
+
+
+def _float(text: str, field: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SpecError(field, f"{text!r} is not a number") from None
+
+
 def _need_torch(command: str) -> None:
     import importlib.util
 
@@ -511,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"simulate": _simulate, "search": _search, "whatif": _whatif,
                 "export": _export, "run": _run, "profile": _profile,
-                "validate": _validate}
+                "validate": _validate, "place-experts": _place}
     try:
         if args.command in ("models", "clusters"):
             return _list(args.command, args.json)

@@ -6,12 +6,15 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from meshplan.core import planfile
 from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError
 from meshplan.core.loaders import cluster_from_toml, model_from_hf_config, model_from_toml
 from meshplan.core.model import ModelSpec
 from meshplan.core.planfile import PlanFile
+from meshplan.core.routing import RoutingStats, routing_from_topk
 from meshplan.costmodels.calibrated import HardwareProfile, profile_from_dict
 
 _CATALOG = resources.files("meshplan.core") / "catalog"
@@ -84,3 +87,32 @@ def load_profile(path: str | None) -> HardwareProfile | None:
     except (OSError, json.JSONDecodeError) as err:
         raise SpecError("profile", f"cannot read {path}: {err}") from None
     return profile_from_dict(data)
+
+
+def load_routing(path: str, n_experts: int) -> RoutingStats:
+    """A routing trace: `.npz` with `topk_ids` [MoE layers, tokens, top_k] (what the
+    runtime's router records), or JSON with `topk_ids`, or with `expert_tokens`
+    [layers, experts] and optionally `pair_tokens` [layers - 1, experts, experts]."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError("routing", f"{path!r} is not a file")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p) as f:
+                data = {k: f[k] for k in f.files}
+        else:
+            data = {k: np.asarray(v) for k, v in json.loads(p.read_text()).items()}
+    except (OSError, ValueError) as err:
+        raise SpecError("routing", f"cannot read {path}: {err}") from None
+    if "topk_ids" in data:
+        return routing_from_topk(data["topk_ids"], n_experts, source=str(path))
+    if "expert_tokens" not in data:
+        raise SpecError("routing", f"{path} has neither topk_ids nor expert_tokens "
+                        f"(keys: {sorted(data)})")
+    loads = np.asarray(data["expert_tokens"], dtype=float)
+    if loads.ndim != 2 or loads.shape[1] != n_experts:
+        raise SpecError("routing.expert_tokens", f"needs shape [layers, {n_experts}], got "
+                        f"{list(loads.shape)}")
+    pairs = data.get("pair_tokens")
+    return RoutingStats(expert_tokens=loads, source=str(path),
+                        pair_tokens=None if pairs is None else np.asarray(pairs, dtype=float))

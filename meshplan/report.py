@@ -6,6 +6,7 @@ from meshplan.core.cluster import ClusterSpec
 from meshplan.core.model import ModelSpec
 from meshplan.core.results import SimResult
 from meshplan.core.workload import TrainWorkload
+from meshplan.planner.placement import PlacementResult
 from meshplan.planner.search import SearchResult, dollars_per_million_tokens
 from meshplan.planner.whatif import WhatIfRow
 from meshplan.simulator.des import CATEGORIES, DesRun
@@ -135,3 +136,32 @@ def measured_table(m: dict) -> str:
     text += f"\nmemory: {m['memory_method']}; the prediction leaves out the runtime's " \
         "start-up memory"
     return text + "".join(f"\nnote: {n}" for n in m.get("notes", []))
+
+
+def placement_table(result: PlacementResult) -> str:
+    """The optimiser against the baselines: objective, busiest GPU over the mean, tokens
+    changing node between layers."""
+    rows = []
+    for name, c in [("milp", result.cost), *result.baselines.items()]:
+        rows.append([name, f"{c.objective_s * 1e3:.3f}", f"{c.imbalance.mean():.3f}",
+                     f"{c.imbalance.max():.3f}", f"{c.cross_node_tokens.sum():,.0f}",
+                     f"{int(c.moved.sum())}"])
+    table = _table(["method", "objective ms", "imbalance mean", "imbalance max",
+                    "cross-node tokens", "moved"], rows)
+    return (f"{table}\n\nthe optimiser improved {result.layers_improved} layers in "
+            f"{result.solve_s:.1f} s; lower bound {result.lower_bound_s * 1e3:.3f} ms "
+            f"(gap {result.gap:.1%}, of which busiest-GPU gap {result.compute_gap:.1%})")
+
+
+def placement_json(result: PlacementResult) -> dict:
+    def cost(c) -> dict:
+        return {"objective_s": c.objective_s, "imbalance_mean": float(c.imbalance.mean()),
+                "imbalance_max": float(c.imbalance.max()),
+                "cross_node_tokens": float(c.cross_node_tokens.sum()),
+                "moved": int(c.moved.sum())}
+
+    return {"method": result.placement.method, **cost(result.cost),
+            "baselines": {k: cost(c) for k, c in result.baselines.items()},
+            "lower_bound_s": result.lower_bound_s, "gap": result.gap,
+            "compute_gap": result.compute_gap, "layers_improved": result.layers_improved,
+            "solve_s": result.solve_s}

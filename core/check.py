@@ -90,6 +90,8 @@ def _check_pipeline(model, work, plan, bad) -> None:
 def _check_experts(model, plan, bad) -> None:
     if plan.expert_placement is not None:
         _check_placement(model, plan, bad)
+    if plan.expert_load is not None:
+        _check_load(model, plan, bad)
     if plan.ep == 1:
         return
     if model.moe is None:
@@ -123,3 +125,21 @@ def _check_placement(model, plan, bad) -> None:
             bad(where, f"expert ids {outside[:8]} outside 0..{n - 1}")
         if missing:
             bad(where, f"experts {missing[:8]} have no slot")
+
+
+def _check_load(model, plan, bad) -> None:
+    rows = plan.expert_load
+    if model.moe is None:
+        bad("plan.expert_load", f"{model.name} has no experts")
+        return
+    n, layers = model.moe.n_experts, model.n_moe_layers
+    if len(rows) not in (1, layers):
+        bad("plan.expert_load", f"{len(rows)} rows; expected 1 (all MoE layers) or {layers} "
+            "(one per MoE layer)")
+    for i, row in enumerate(rows):
+        where = f"plan.expert_load[{i}]"
+        if len(row) != n:
+            bad(where, f"{len(row)} entries for {n} experts")
+        negative = [x for x in row if not x >= 0]
+        if negative:
+            bad(where, f"token counts must be >= 0, got {negative[:4]}")

@@ -60,6 +60,10 @@ class Plan:
     # layer (EPLB's phy2log map). Slot j lives on EP rank j // (slots / ep). None: expert e
     # in slot e.
     expert_placement: tuple[tuple[int, ...], ...] | None = None
+    # Tokens routed to each logical expert, one row for all MoE layers or one per MoE
+    # layer (any scale: only shares matter), from the routing the placement was made for.
+    # With it the simulators time each layer's busiest EP rank. None: even routing.
+    expert_load: tuple[tuple[float, ...], ...] | None = None
     version: int = PLAN_VERSION
 
     # ---- compact text form ----------------------------------------------
@@ -93,6 +97,8 @@ class Plan:
         d["stage_layers"] = list(self.stage_layers) if self.stage_layers else None
         if self.expert_placement is not None:
             d["expert_placement"] = [list(row) for row in self.expert_placement]
+        if self.expert_load is not None:
+            d["expert_load"] = [list(row) for row in self.expert_load]
         return d
 
     def to_json(self) -> str:
@@ -110,6 +116,8 @@ class Plan:
             data["stage_layers"] = tuple(int(x) for x in data["stage_layers"])
         if data.get("expert_placement") is not None:
             data["expert_placement"] = _placement(data["expert_placement"])
+        if data.get("expert_load") is not None:
+            data["expert_load"] = _rows(data["expert_load"], "plan.expert_load", float)
         for key in _INT_KEYS:
             if key in data:
                 data[key] = parse_value(key, str(data[key]))
@@ -145,14 +153,17 @@ class Plan:
 
 
 def _placement(rows: Any) -> tuple[tuple[int, ...], ...]:
+    return _rows(rows, "plan.expert_placement", int)
+
+
+def _rows(rows: Any, field: str, kind: type) -> tuple[tuple[Any, ...], ...]:
     ok = isinstance(rows, list | tuple) and all(isinstance(r, list | tuple) for r in rows)
-    require(ok and len(rows) > 0, "plan.expert_placement",
-            "expected a list of rows (physical slot -> logical expert), one for all MoE "
-            f"layers or one per MoE layer; got {str(rows)[:60]}")
+    require(ok and len(rows) > 0, field, "expected a list of rows, one for all MoE layers "
+            f"or one per MoE layer; got {str(rows)[:60]}")
     try:
-        return tuple(tuple(int(x) for x in row) for row in rows)
+        return tuple(tuple(kind(x) for x in row) for row in rows)
     except (TypeError, ValueError):
-        raise SpecError("plan.expert_placement", "expert ids must be integers") from None
+        raise SpecError(field, f"entries must be {kind.__name__}s") from None
 
 
 def parse_value(key: str, value: str) -> Any:
@@ -202,3 +213,26 @@ def rank_blocks(plan: Plan, rank: int, n_blocks: int) -> tuple[int, ...]:
     if plan.schedule == "dualpipe":
         return (rank, plan.pp - 1 - rank)
     return tuple(range(rank, n_blocks, plan.pp))
+
+
+def ep_rank_imbalance(plan: Plan, n_experts: int, n_moe_layers: int) -> tuple[float, ...]:
+    """Per MoE layer, the busiest EP rank's routed tokens over the mean rank's, from the
+    plan's expert loads and placement (slot j on EP rank j // (slots / ep); an expert's
+    tokens split evenly over its replicas, as EPLB routes them). 1.0 everywhere without
+    loads."""
+    if plan.expert_load is None or plan.ep == 1:
+        return (1.0,) * n_moe_layers
+    out = []
+    for layer in range(n_moe_layers):
+        load = plan.expert_load[layer if len(plan.expert_load) > 1 else 0]
+        slots = (plan.expert_placement[layer if len(plan.expert_placement) > 1 else 0]
+                 if plan.expert_placement is not None else tuple(range(n_experts)))
+        replicas = [0] * n_experts
+        for e in slots:
+            replicas[e] += 1
+        per_rank = len(slots) // plan.ep
+        ranks = [sum(load[e] / replicas[e] for e in slots[r * per_rank:(r + 1) * per_rank])
+                 for r in range(plan.ep)]
+        mean = sum(ranks) / plan.ep
+        out.append(max(ranks) / mean if mean > 0 else 1.0)
+    return tuple(out)

@@ -198,6 +198,9 @@ def _add_run(sub) -> None:
     rn.add_argument("--checkpoint-every", type=int, default=0)
     rn.add_argument("--resume", action="store_true", help="continue from the newest "
                     "complete checkpoint in --checkpoint-dir (any plan)")
+    rn.add_argument("--record-routing", metavar="TRACE.npz",
+                    help="write the routers' top-k expert ids (MoE models, pp=1, no "
+                    "recompute) for place-experts --trace")
     rn.add_argument("--kill-during-save", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -535,6 +538,13 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     launch.check_runnable(pf, torch.cuda.device_count())
+    if args.record_routing:
+        plan = pf.plan
+        require(pf.model.moe is not None, "record_routing", f"{pf.model.name} has no router")
+        require(plan.pp == 1 and plan.recompute == "none", "record_routing",
+                f"needs pp=1 and recompute=none (got pp={plan.pp}, recompute="
+                f"{plan.recompute}): every rank must route the same tokens through every "
+                "MoE layer once")
     worker = ["--out", args.out, "--steps", str(args.steps),
               "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
               "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every)]
@@ -542,6 +552,8 @@ def _run(args: argparse.Namespace) -> int:
     worker += ["--data", args.data] if args.data else []
     worker += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
     worker += ["--resume"] if args.resume else []
+    worker += ["--record-routing", str(Path(args.record_routing).resolve())] \
+        if args.record_routing else []
     if pf.cluster.n_nodes > 1:
         path = str(Path(args.out).with_suffix(".plan.json"))
         save_plan_file(path, pf)

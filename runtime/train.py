@@ -33,6 +33,7 @@ from .mesh import Mesh, build_mesh
 from .model import Transformer, init_weights
 from .parallelize import expert_params, parallelize, split_stages, stage_ids
 from .pipeline import PipelineRank
+from .routing import RoutingRecorder
 from .support import execution_notes
 
 
@@ -49,6 +50,7 @@ class RunOptions:
     kill_during_save: int = 0  # fault injection for tests: die while saving this step
     device: str = "cpu"  # "cuda": one GPU per process, NCCL
     measure_memory: bool = True  # CPU: one extra, profiled step measures live tensors
+    record_routing: str | None = None  # rank 0 writes its routers' top-k ids here (.npz)
 
     def saves_after(self, step: int) -> bool:
         every = self.checkpoint_every
@@ -120,6 +122,7 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     optim = make_optimizer(work.optimizer, params, opts.lr)
     m = plan.micro_batches(work.global_batch)
     rank = pipeline_rank(pf, mesh, chunks, device)
+    recorder = RoutingRecorder(chunks) if opts.record_routing else None
     data = _data(pf, opts)
     start = 0
     if opts.resume and opts.checkpoint_dir:
@@ -152,6 +155,8 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     peaks = _gather_peaks(meter.peak_bytes())
     if dist.get_rank() != 0:
         return None
+    if recorder is not None and opts.record_routing:
+        recorder.save(opts.record_routing)
     return _record(pf, plan, opts, device, start=start, times=times, losses=losses,
                    peaks=peaks, memory_method=meter.method)
 
@@ -234,11 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-dir")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--record-routing")
     a = p.parse_args(argv)
     opts = RunOptions(steps=a.steps, warmup_steps=a.warmup_steps, seed=a.seed, lr=a.lr,
                       data=a.data, checkpoint_dir=a.checkpoint_dir,
                       checkpoint_every=a.checkpoint_every, resume=a.resume,
-                      kill_during_save=a.kill_during_save, device=a.device)
+                      kill_during_save=a.kill_during_save, device=a.device,
+                      record_routing=a.record_routing)
     torch.set_num_threads(1)
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     try:

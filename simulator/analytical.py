@@ -20,7 +20,7 @@ from meshplan.core.check import check_plan
 from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
-from meshplan.core.plan import Plan, layer_split, rank_blocks
+from meshplan.core.plan import Plan, ep_rank_imbalance, layer_split, rank_blocks
 from meshplan.core.results import MemoryBreakdown, SimResult, TimeBreakdown
 from meshplan.core.schedule import build_schedule, execute
 from meshplan.core.workload import TrainWorkload
@@ -202,7 +202,7 @@ class PlanCosts:
     def layer_parts(self, moe_layer: bool) -> LayerParts:
         p = self.plan
         key = (self.shard, p.recompute, p.tp_overlap, p.kernels, moe_layer,
-               tuple(self.mechanisms(moe_layer)))
+               tuple(self.mechanisms(moe_layer)), self.ep_imbalance if moe_layer else 1.0)
         if key not in self.cache.layer:
             self.cache.layer[key] = self._layer_parts(moe_layer)
         return self.cache.layer[key]
@@ -227,6 +227,13 @@ class PlanCosts:
         fwd = self._time(ops)
         bwd = self._time(backward(ops))
         gemm_f = self._time([o for o in ops if o.kind == "gemm"])
+        if moe_layer and self.ep_imbalance != 1.0:  # the busiest EP rank's routed tokens
+            routed = [o for o in ops if o.name.startswith("experts_")
+                      or o.name in ("permute", "unpermute")]
+            extra = self.ep_imbalance - 1.0
+            fwd += extra * self._time(routed)
+            bwd += extra * self._time(backward(routed))
+            gemm_f += extra * self._time([o for o in routed if o.kind == "gemm"])
         attn = [o for o in ops if o.kind == "attn" or o.name in ("qk", "pv", "softmax")]
         attn_f = self._time(attn)
         attn_b = self._time(backward(attn))
@@ -302,10 +309,30 @@ class PlanCosts:
 
     @property
     def ep_bytes(self) -> float:
-        """One dispatch (or combine) all-to-all: top-k copies of the tokens' activations."""
+        """One dispatch (or combine) all-to-all: top-k copies of the tokens' activations,
+        on the EP rank that receives the most (`ep_imbalance`)."""
         top_k = self.model.moe.top_k if self.model.moe else 0
         return (self.shard.tokens * top_k * self.model.hidden_size * self.shard.act_bytes
-                * self.plan.etp / self.plan.tp)
+                * self.plan.etp / self.plan.tp * self.ep_imbalance)
+
+    @cached_property
+    def ep_imbalance(self) -> float:
+        """The busiest EP rank's routed tokens over the mean's, averaged over MoE layers
+        (every layer waits for its busiest rank): from the plan's expert loads and
+        placement; 1 for even routing."""
+        moe = self.model.moe
+        if moe is None:
+            return 1.0
+        per_layer = ep_rank_imbalance(self.plan, moe.n_experts, self.model.n_moe_layers)
+        return sum(per_layer) / len(per_layer)
+
+    @property
+    def experts_per_rank(self) -> float:
+        """Expert slots on an EP rank: E/ep, more where the placement replicates."""
+        assert self.model.moe is not None
+        rows = self.plan.expert_placement
+        slots = max(len(r) for r in rows) if rows else self.model.moe.n_experts
+        return slots / self.plan.ep
 
     # ---- stages -----------------------------------------------------------------
     def _stage_kinds(self, stage: int) -> tuple[int, int]:
@@ -404,7 +431,7 @@ class PlanCosts:
         moe = m.moe
         shared = moe.n_shared_experts * m.mlp_params(moe.shared_ffn)
         router = m.hidden_size * moe.n_experts
-        expert = moe.n_experts * m.mlp_params(moe.expert_ffn_hidden_size) / (p.ep * p.etp)
+        expert = self.experts_per_rank * m.mlp_params(moe.expert_ffn_hidden_size) / p.etp
         return (attn_norm + shared) / p.tp + router, expert
 
     def end_params(self, first: bool, last: bool) -> float:

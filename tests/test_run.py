@@ -126,3 +126,13 @@ def test_gpu_plan_is_refused_without_cuda_and_multi_node_prints_commands(tmp_pat
             assert "--nnodes=2" in lines[0] and "--device cuda" in lines[0]
             saved = json.loads(out.with_suffix(".plan.json").read_text())
             assert saved["workload"]["seq_len"] == 2048  # the override travels with it
+
+
+def test_recording_routing_needs_one_stage_and_no_recompute(tmp_path, capsys):
+    path = tmp_path / "moe.json"
+    assert main(["search", "--model", "tiny-moe", "--cluster", "cpu", "--gpus", "2",
+                 "--seq-len", "64", "--global-batch", "8", "--space",
+                 "pp=2,recompute=none,mbs=1", "--out", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--record-routing", str(tmp_path / "t.npz")]) == 2
+    assert "needs pp=1 and recompute=none (got pp=2" in capsys.readouterr().err

@@ -147,3 +147,26 @@ def test_runtime_refuses_schedules_it_cannot_run(plan, world, reason):
     with pytest.raises(SpecError, match=reason):
         refuse_unsupported_plan(load_model("tiny-dense"), Plan.parse(plan).resolve(world),
                                 False)
+
+
+def test_routing_recorded_from_tiny_moe_feeds_the_placement():
+    """The runtime's routers write a trace that `place-experts` reads; on it the MILP is
+    no worse than the baselines."""
+    from meshplan.core.routing import routing_from_topk
+    from meshplan.planner.placement import PlacementProblem, optimise_placement
+    from meshplan.runtime.routing import RoutingRecorder
+
+    spec = load_model("tiny-moe")
+    model = Transformer(spec)
+    init_weights(model, 0)
+    recorder = RoutingRecorder({0: model})
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model(torch.randint(0, spec.vocab_size, (2, 32), generator=gen), torch.arange(32))
+    ids = recorder.topk_ids()
+    assert ids.shape == (spec.n_moe_layers, 3 * 2 * 32, spec.moe.top_k)
+    routing = routing_from_topk(ids, spec.moe.n_experts)
+    pr = PlacementProblem(routing=routing, n_gpus=4, gpus_per_node=2, redundant=4,
+                          compute_s_per_token=1e-6, nic_s_per_token=1e-6)
+    res = optimise_placement(pr, time_limit_s=4)
+    assert res.cost.objective_s <= min(c.objective_s for c in res.baselines.values())

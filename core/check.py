@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .cluster import ClusterSpec
@@ -105,41 +106,57 @@ def _check_experts(model, plan, bad) -> None:
 
 
 def _check_placement(model, plan, bad) -> None:
-    rows = plan.expert_placement
     if model.moe is None:
         bad("plan.expert_placement", f"{model.name} has no experts to place")
         return
-    n, layers = model.moe.n_experts, model.n_moe_layers
+    for field, message in _placement_problems(plan.expert_placement, plan.ep,
+                                              model.moe.n_experts, model.n_moe_layers):
+        bad(field, message)
+
+
+@functools.lru_cache(maxsize=64)  # a search checks the same rows for every plan of an ep
+def _placement_problems(rows: tuple[tuple[int, ...], ...], ep: int, n: int,
+                        layers: int) -> tuple[tuple[str, str], ...]:
+    out = []
     if len(rows) not in (1, layers):
-        bad("plan.expert_placement", f"{len(rows)} rows; expected 1 (all MoE layers) or "
-            f"{layers} (one per MoE layer)")
+        out.append(("plan.expert_placement", f"{len(rows)} rows; expected 1 (all MoE "
+                    f"layers) or {layers} (one per MoE layer)"))
     for i, row in enumerate(rows):
         where = f"plan.expert_placement[{i}]"
         if len(row) < n:
-            bad(where, f"{len(row)} slots for {n} experts")
-        elif len(row) % plan.ep:
-            bad(where, f"{len(row)} slots are not divisible by ep={plan.ep}")
+            out.append((where, f"{len(row)} slots for {n} experts"))
+        elif len(row) % ep:
+            out.append((where, f"{len(row)} slots are not divisible by ep={ep}"))
         outside = sorted({e for e in row if not 0 <= e < n})
         missing = sorted(set(range(n)) - set(row))
         if outside:
-            bad(where, f"expert ids {outside[:8]} outside 0..{n - 1}")
+            out.append((where, f"expert ids {outside[:8]} outside 0..{n - 1}"))
         if missing:
-            bad(where, f"experts {missing[:8]} have no slot")
+            out.append((where, f"experts {missing[:8]} have no slot"))
+    return tuple(out)
 
 
 def _check_load(model, plan, bad) -> None:
-    rows = plan.expert_load
     if model.moe is None:
         bad("plan.expert_load", f"{model.name} has no experts")
         return
-    n, layers = model.moe.n_experts, model.n_moe_layers
+    for field, message in _load_problems(plan.expert_load, model.moe.n_experts,
+                                         model.n_moe_layers):
+        bad(field, message)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_problems(rows: tuple[tuple[float, ...], ...], n: int,
+                   layers: int) -> tuple[tuple[str, str], ...]:
+    out = []
     if len(rows) not in (1, layers):
-        bad("plan.expert_load", f"{len(rows)} rows; expected 1 (all MoE layers) or {layers} "
-            "(one per MoE layer)")
+        out.append(("plan.expert_load", f"{len(rows)} rows; expected 1 (all MoE layers) or "
+                    f"{layers} (one per MoE layer)"))
     for i, row in enumerate(rows):
         where = f"plan.expert_load[{i}]"
         if len(row) != n:
-            bad(where, f"{len(row)} entries for {n} experts")
+            out.append((where, f"{len(row)} entries for {n} experts"))
         negative = [x for x in row if not x >= 0]
         if negative:
-            bad(where, f"token counts must be >= 0, got {negative[:4]}")
+            out.append((where, f"token counts must be >= 0, got {negative[:4]}"))
+    return tuple(out)

@@ -8,6 +8,7 @@ round-trip the complete plan, including the per-stage layer split.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -222,17 +223,25 @@ def ep_rank_imbalance(plan: Plan, n_experts: int, n_moe_layers: int) -> tuple[fl
     loads."""
     if plan.expert_load is None or plan.ep == 1:
         return (1.0,) * n_moe_layers
+    return _imbalance(plan.expert_load, plan.expert_placement, plan.ep, n_experts,
+                      n_moe_layers)
+
+
+@functools.lru_cache(maxsize=64)  # a search asks again for every plan of the same ep
+def _imbalance(loads: tuple[tuple[float, ...], ...],
+               placement: tuple[tuple[int, ...], ...] | None, ep: int, n_experts: int,
+               n_moe_layers: int) -> tuple[float, ...]:
     out = []
     for layer in range(n_moe_layers):
-        load = plan.expert_load[layer if len(plan.expert_load) > 1 else 0]
-        slots = (plan.expert_placement[layer if len(plan.expert_placement) > 1 else 0]
-                 if plan.expert_placement is not None else tuple(range(n_experts)))
+        load = loads[layer if len(loads) > 1 else 0]
+        slots = (placement[layer if len(placement) > 1 else 0]
+                 if placement is not None else tuple(range(n_experts)))
         replicas = [0] * n_experts
         for e in slots:
             replicas[e] += 1
-        per_rank = len(slots) // plan.ep
+        per_rank = len(slots) // ep
         ranks = [sum(load[e] / replicas[e] for e in slots[r * per_rank:(r + 1) * per_rank])
-                 for r in range(plan.ep)]
-        mean = sum(ranks) / plan.ep
+                 for r in range(ep)]
+        mean = sum(ranks) / ep
         out.append(max(ranks) / mean if mean > 0 else 1.0)
     return tuple(out)

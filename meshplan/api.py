@@ -12,6 +12,7 @@ from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.results import SimResult
+from meshplan.core.routing import RoutingStats
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels.calibrated import HardwareProfile, costs_for
 from meshplan.planner.search import Objective, SearchResult, search_fewest_gpus
@@ -71,9 +72,11 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, top: int
            objective: str | Objective = "throughput", space: SearchSpace | None = None,
            token_budget: float | None = None, target_days: float | None = None,
            progress: Callable[[int], None] | None = None,
-           profile: HardwareProfile | None = None, refine: int = 0) -> SearchResult:
+           profile: HardwareProfile | None = None, refine: int = 0,
+           routing: RoutingStats | None = None) -> SearchResult:
     """The `top` best plans, best first (`.ranked`, `.best`, `.stats`); with `refine` = K
-    the best K are re-timed by the event engine and re-ranked.
+    the best K are re-timed by the event engine and re-ranked. With `routing` (MoE
+    models) each plan carries its loads and EPLB's placement for the plan's ep.
 
     objective: "throughput" (tokens/s), "cost" ($ per million tokens; needs the device's
     price_per_gpu_hour) or "gpus" (fewest GPUs that train `token_budget` tokens within
@@ -85,9 +88,10 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, top: int
         mapper = pool.map if pool is not None else None
         if obj.kind == "gpus":
             return search_fewest_gpus(model, cluster, work, obj, space, top, progress,
-                                      profile, refine_des=refine, mapper=mapper)
+                                      profile, refine_des=refine, mapper=mapper,
+                                      routing=routing)
         return _search(model, cluster, work, space, obj, top, progress=progress,
-                       profile=profile, refine_des=refine, mapper=mapper)
+                       profile=profile, refine_des=refine, mapper=mapper, routing=routing)
 
 
 @contextlib.contextmanager

@@ -76,6 +76,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="", help='fixed plan fields, e.g. "attn=unfused,'
                    'kernels=eager" (the software stack the search does not choose)')
     p.add_argument("--tp-across-nodes", action="store_true")
+    p.add_argument("--routing", metavar="TRACE|zipf[:SKEW]",
+                   help="MoE routing to place experts for (a trace file, or seeded Zipf); "
+                   "each plan is timed on its busiest EP rank under EPLB's placement")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -343,7 +346,8 @@ def _search(args: argparse.Namespace) -> int:
         found = search(model, cluster, work, top=args.top, objective=args.objective,
                        space=space, token_budget=args.token_budget,
                        target_days=args.target_days, progress=update,
-                       profile=load_profile(args.profile), refine=args.refine)
+                       profile=load_profile(args.profile), refine=args.refine,
+                       routing=_routing(args.routing, model) if args.routing else None)
     finally:
         bar.close()
     wall = time.perf_counter() - start
@@ -411,15 +415,8 @@ def _place(args: argparse.Namespace) -> int:
     model, cluster = load_model(args.model), load_cluster(args.cluster, args.gpus)
     require(model.moe is not None, "model", f"{model.name} has no experts to place")
     assert model.moe is not None
-    if args.trace:
-        routing = load_routing(args.trace, model.moe.n_experts)
-    else:
-        kind, _, skew = args.synthetic.partition(":")
-        require(kind == "zipf", "synthetic", f"{args.synthetic!r}: expected zipf[:SKEW]")
-        routing = synthetic_routing(
-            n_layers=model.n_moe_layers, n_experts=model.moe.n_experts,
-            top_k=model.moe.top_k, tokens=args.tokens, skew=_float(skew or "1", "synthetic"),
-            affinity=args.affinity, seed=args.seed)
+    routing = _routing(args.trace or args.synthetic, model, args.tokens, args.affinity,
+                       args.seed)
     compute_s, nic_s = token_costs_s(model, cluster)
     problem = PlacementProblem(routing=routing, n_gpus=cluster.n_gpus,
                                gpus_per_node=min(cluster.node.gpus_per_node, cluster.n_gpus),
@@ -436,6 +433,17 @@ def _place(args: argparse.Namespace) -> int:
               f"{cluster.n_gpus} GPUs, {args.redundant} redundant slots ({routing.source})")
         print(placement_table(result))
     return 0
+
+
+def _routing(source: str, model, tokens: int = 4096, affinity: float = 0.0, seed: int = 0):
+    """A routing trace file, or `zipf[:SKEW]` for a seeded synthetic one."""
+    require(model.moe is not None, "model", f"{model.name} has no experts to place")
+    kind, _, skew = source.partition(":")
+    if kind != "zipf":
+        return load_routing(source, model.moe.n_experts)
+    return synthetic_routing(n_layers=model.n_moe_layers, n_experts=model.moe.n_experts,
+                             top_k=model.moe.top_k, tokens=tokens,
+                             skew=_float(skew or "1", "routing"), affinity=affinity, seed=seed)
 
 
 def _float(text: str, field: str) -> float:

@@ -537,3 +537,19 @@ def optimise_placement(pr: PlacementProblem, time_limit_s: float = 60.0) -> Plac
                            baselines=costs, lower_bound_tokens=bound,
                            lower_bound_s=pr.compute_s_per_token * bound,
                            layers_improved=improved, solve_s=time.perf_counter() - t0)
+
+
+# ---- for the search ----------------------------------------------------------------
+
+def plan_placement(routing: RoutingStats, ep: int, gpus_per_node: int, redundant: int = 0
+                   ) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[int, ...], ...]]:
+    """(expert_load, expert_placement) rows for a plan with `ep` expert-parallel ranks:
+    EPLB's placement of this routing (equal slots per rank, as the plan's map needs)."""
+    n = routing.n_experts
+    require((n + redundant) % ep == 0, "placement.redundant",
+            f"{n} experts + {redundant} redundant slots do not split over ep={ep} ranks")
+    pr = PlacementProblem(routing=routing, n_gpus=ep, gpus_per_node=math.gcd(ep, gpus_per_node),
+                          redundant=redundant, slots_per_gpu=(n + redundant) // ep)
+    maps = eplb_global(pr).maps(n)["physical_to_logical"]
+    load = tuple(tuple(float(x) for x in row) for row in routing.expert_tokens)
+    return load, tuple(tuple(int(e) for e in row) for row in maps)

@@ -22,11 +22,13 @@ from meshplan.core.errors import SpecError, require
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.results import SimResult
+from meshplan.core.routing import RoutingStats
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels.calibrated import HardwareProfile, costs_for
 from meshplan.simulator.analytical import CostCache, assemble, prepare
 from meshplan.simulator.des import simulate_des
 
+from .placement import plan_placement
 from .space import SearchSpace, enumerate_plans
 from .split import optimise_split
 
@@ -107,12 +109,15 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
            top: int = 5, refine: int = 8,
            progress: Callable[[int], None] | None = None,
            profile: HardwareProfile | None = None, refine_des: int = 0,
-           mapper: Mapper | None = None) -> SearchResult:
+           mapper: Mapper | None = None, routing: RoutingStats | None = None
+           ) -> SearchResult:
     """The `top` best plans of `space` (analytical model), best first; timed with the
     calibrated cost model when a hardware `profile` is given. With `refine_des` = K the
     best K are timed again by the event engine (overlap, link sharing) and re-ranked
     ahead of the rest; those carry `engine="des"`. `mapper` (map's signature) runs
-    those K runs; the caller may pass a process pool's map.
+    those K runs; the caller may pass a process pool's map. With `routing` (MoE models)
+    every candidate carries that routing's loads and EPLB's placement for its ep, so
+    skewed routing is timed on each plan's busiest EP rank.
 
     Raises NoFeasiblePlan when no candidate fits in memory, naming the tightest one.
     """
@@ -125,7 +130,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
     heap: list[tuple[tuple[float, float], int, SimResult]] = []  # max-heap on key via negation
     enumerated = over = timed = 0
     tightest: tuple[float, Plan] | None = None
-    for plan in enumerate_plans(model, cluster, work, space):
+    placed = _Placer(model, cluster, routing)
+    for plan in map(placed, enumerate_plans(model, cluster, work, space)):
         enumerated += 1
         if progress and enumerated % 256 == 0:
             progress(256)
@@ -228,11 +234,36 @@ def days_to_train(r: SimResult, token_budget: float) -> float:
     return token_budget / r.tokens_per_s / 86400
 
 
+class _Placer:
+    """Adds the routing's loads and EPLB's placement for the plan's ep (one per ep)."""
+
+    def __init__(self, model: ModelSpec, cluster: ClusterSpec, routing: RoutingStats | None):
+        self.routing = routing if model.moe is not None else None
+        if self.routing is not None:
+            assert model.moe is not None
+            require(self.routing.n_experts == model.moe.n_experts and
+                    self.routing.n_layers in (1, model.n_moe_layers), "routing",
+                    f"{self.routing.n_layers} layers x {self.routing.n_experts} experts; "
+                    f"{model.name} has {model.n_moe_layers} MoE layers of "
+                    f"{model.moe.n_experts} experts")
+        self.gpn = cluster.node.gpus_per_node
+        self.by_ep: dict[int, tuple] = {}
+
+    def __call__(self, plan: Plan) -> Plan:
+        if self.routing is None:
+            return plan
+        if plan.ep not in self.by_ep:
+            self.by_ep[plan.ep] = plan_placement(self.routing, plan.ep, self.gpn)
+        load, placement = self.by_ep[plan.ep]
+        return replace(plan, expert_load=load, expert_placement=placement)
+
+
 def search_fewest_gpus(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
                        objective: Objective, space: SearchSpace | None = None, top: int = 5,
                        progress: Callable[[int], None] | None = None,
                        profile: HardwareProfile | None = None,
-                       refine_des: int = 0, mapper: Mapper | None = None) -> SearchResult:
+                       refine_des: int = 0, mapper: Mapper | None = None,
+                       routing: RoutingStats | None = None) -> SearchResult:
     """Fewest GPUs (of `gpu_counts`, at most the cluster's) meeting the time-to-train
     target; raises with the fastest count's shortfall when even the whole cluster misses."""
     assert objective.token_budget and objective.target_days
@@ -241,7 +272,7 @@ def search_fewest_gpus(model: ModelSpec, cluster: ClusterSpec, work: TrainWorklo
         try:
             found = search(model, cluster.with_gpus(n), work, space, objective, top,
                            progress=progress, profile=profile, refine_des=refine_des,
-                           mapper=mapper)
+                           mapper=mapper, routing=routing)
         except NoFeasiblePlan:
             continue
         last = found

@@ -158,3 +158,25 @@ def test_refine_retimes_the_best_with_the_event_engine():
     assert steps == sorted(steps) and refined.stats.des_refined == 2
     serial = search(model, cluster, work, SMALL, top=4, refine_des=2)
     assert serial.ranked == refined.ranked  # deterministic, with or without processes
+
+
+def test_search_with_routing_places_experts_and_times_the_busiest_rank():
+    from meshplan.core.routing import synthetic_routing
+
+    model, cluster = mp.load_model("mixtral-8x7b"), mp.load_cluster("h100-sxm", 64)
+    work = mp.TrainWorkload(seq_len=4096, global_batch=256)
+    space = SearchSpace(pp=(1,), cp=(1,), tp=(1,), ep=(1, 8), etp=(1,), zero=(3,),
+                        recompute=("full",), mbs=(1,), offload=("none",))
+    routing = synthetic_routing(n_layers=32, n_experts=8, top_k=2, tokens=4096, skew=0.8)
+    even = mp.search(model, cluster, work, space=space, top=8)
+    skewed = mp.search(model, cluster, work, space=space, top=8, routing=routing)
+    by_ep = {r.plan.ep: r for r in skewed.ranked}
+    assert all(r.plan.expert_load is not None for r in skewed.ranked)
+    assert all(len(row) == 8 for row in by_ep[8].plan.expert_placement)
+    even_ep8 = next(r for r in even.ranked if r.plan.ep == 8)
+    assert by_ep[8].step_time_s > even_ep8.step_time_s  # skew costs even after EPLB
+    assert by_ep[1].step_time_s == pytest.approx(
+        next(r for r in even.ranked if r.plan.ep == 1).step_time_s)  # no EP, no skew
+    with pytest.raises(mp.SpecError, match="routing: 32 layers x 4 experts"):
+        mp.search(model, cluster, work, space=space, routing=synthetic_routing(
+            n_layers=32, n_experts=4, top_k=2, tokens=64))

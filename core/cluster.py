@@ -74,6 +74,7 @@ class NodeSpec:
     pcie_bw_bytes_per_s: float  # host link per GPU per direction
     host_memory_bytes: float
     nvme_bw_bytes_per_s: float = 0.0
+    nvme_bytes: float = 0.0  # local NVMe for offloading (the node's data cache); 0: none
     host_mem_bw_bytes_per_s: float = 200e9  # DRAM bandwidth of the node's CPUs
 
 

@@ -89,10 +89,7 @@ def _check_pipeline(model, work, plan, bad) -> None:
 
 
 def _check_experts(model, plan, bad) -> None:
-    if plan.expert_placement is not None:
-        _check_placement(model, plan, bad)
-    if plan.expert_load is not None:
-        _check_load(model, plan, bad)
+    _check_expert_rows(model, plan, bad)
     if plan.ep == 1:
         return
     if model.moe is None:
@@ -105,58 +102,51 @@ def _check_experts(model, plan, bad) -> None:
         bad("plan.ep", f"ep={plan.ep} does not divide dp*cp*tp/etp = {room}")
 
 
-def _check_placement(model, plan, bad) -> None:
-    if model.moe is None:
-        bad("plan.expert_placement", f"{model.name} has no experts to place")
-        return
-    for field, message in _placement_problems(plan.expert_placement, plan.ep,
-                                              model.moe.n_experts, model.n_moe_layers):
-        bad(field, message)
+def _check_expert_rows(model, plan, bad) -> None:
+    """`expert_placement` and `expert_load`: one row for every MoE layer or one per layer."""
+    for field, rows in (("plan.expert_placement", plan.expert_placement),
+                        ("plan.expert_load", plan.expert_load)):
+        if rows is None:
+            continue
+        if model.moe is None:
+            bad(field, f"{model.name} has no experts")
+            continue
+        for where, message in _row_problems(field, rows, plan.ep, model.moe.n_experts,
+                                            model.n_moe_layers):
+            bad(where, message)
 
 
 @functools.lru_cache(maxsize=64)  # a search checks the same rows for every plan of an ep
-def _placement_problems(rows: tuple[tuple[int, ...], ...], ep: int, n: int,
-                        layers: int) -> tuple[tuple[str, str], ...]:
+def _row_problems(field: str, rows: tuple, ep: int, n: int,
+                  layers: int) -> tuple[tuple[str, str], ...]:
     out = []
     if len(rows) not in (1, layers):
-        out.append(("plan.expert_placement", f"{len(rows)} rows; expected 1 (all MoE "
-                    f"layers) or {layers} (one per MoE layer)"))
+        out.append((field, f"{len(rows)} rows; expected 1 (all MoE layers) or {layers} (one "
+                    "per MoE layer)"))
+    check = _slot_problems if field == "plan.expert_placement" else _load_problems
     for i, row in enumerate(rows):
-        where = f"plan.expert_placement[{i}]"
-        if len(row) < n:
-            out.append((where, f"{len(row)} slots for {n} experts"))
-        elif len(row) % ep:
-            out.append((where, f"{len(row)} slots are not divisible by ep={ep}"))
-        outside = sorted({e for e in row if not 0 <= e < n})
-        missing = sorted(set(range(n)) - set(row))
-        if outside:
-            out.append((where, f"expert ids {outside[:8]} outside 0..{n - 1}"))
-        if missing:
-            out.append((where, f"experts {missing[:8]} have no slot"))
+        out += [(f"{field}[{i}]", message) for message in check(row, ep, n)]
     return tuple(out)
 
 
-def _check_load(model, plan, bad) -> None:
-    if model.moe is None:
-        bad("plan.expert_load", f"{model.name} has no experts")
-        return
-    for field, message in _load_problems(plan.expert_load, model.moe.n_experts,
-                                         model.n_moe_layers):
-        bad(field, message)
-
-
-@functools.lru_cache(maxsize=64)
-def _load_problems(rows: tuple[tuple[float, ...], ...], n: int,
-                   layers: int) -> tuple[tuple[str, str], ...]:
+def _slot_problems(row: tuple[int, ...], ep: int, n: int) -> list[str]:
     out = []
-    if len(rows) not in (1, layers):
-        out.append(("plan.expert_load", f"{len(rows)} rows; expected 1 (all MoE layers) or "
-                    f"{layers} (one per MoE layer)"))
-    for i, row in enumerate(rows):
-        where = f"plan.expert_load[{i}]"
-        if len(row) != n:
-            out.append((where, f"{len(row)} entries for {n} experts"))
-        negative = [x for x in row if not x >= 0]
-        if negative:
-            out.append((where, f"token counts must be >= 0, got {negative[:4]}"))
-    return tuple(out)
+    if len(row) < n:
+        out.append(f"{len(row)} slots for {n} experts")
+    elif len(row) % ep:
+        out.append(f"{len(row)} slots are not divisible by ep={ep}")
+    outside = sorted({e for e in row if not 0 <= e < n})
+    missing = sorted(set(range(n)) - set(row))
+    if outside:
+        out.append(f"expert ids {outside[:8]} outside 0..{n - 1}")
+    if missing:
+        out.append(f"experts {missing[:8]} have no slot")
+    return out
+
+
+def _load_problems(row: tuple[float, ...], _ep: int, n: int) -> list[str]:
+    out = [f"{len(row)} entries for {n} experts"] if len(row) != n else []
+    negative = [x for x in row if not x >= 0]
+    if negative:
+        out.append(f"token counts must be >= 0, got {negative[:4]}")
+    return out

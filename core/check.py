@@ -35,6 +35,7 @@ def check_plan(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan
     _check_degrees(model, cluster, work, plan, bad)
     _check_pipeline(model, work, plan, bad)
     _check_experts(model, plan, bad)
+    _check_offload(model, plan, bad)
     if work.dtype not in cluster.device.peak_flops_per_s:
         bad("workload.dtype", f"{cluster.device.name} has no {work.dtype} tensor cores "
             f"(supported: {sorted(cluster.device.peak_flops_per_s)})")
@@ -86,6 +87,19 @@ def _check_pipeline(model, work, plan, bad) -> None:
                 f"{2 * plan.pp}, got {m}")
     if plan.vpp > 1 and m % plan.pp:
         bad("plan.vpp", f"interleaving needs micro-batches ({m}) divisible by pp ({plan.pp})")
+
+
+def _check_offload(model, plan, bad) -> None:
+    if plan.offload != "layers":
+        if plan.host_layers is not None:
+            bad("plan.host_layers", f"only with offload=layers, got offload={plan.offload}")
+        return
+    if plan.pp != 1:
+        bad("plan.offload", f"offload=layers places units of one pipeline stage; pp={plan.pp}")
+    units = model.n_layers + 1  # the layers, then the embedding/head
+    outside = sorted(i for i in plan.host_layers or () if not 0 <= i < units)
+    if outside:
+        bad("plan.host_layers", f"units {outside[:8]} outside 0..{units - 1}")
 
 
 def _check_experts(model, plan, bad) -> None:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 Schedule = Literal["gpipe", "1f1b", "interleaved", "zb", "dualpipe"]
 Recompute = Literal["none", "selective", "op", "full"]
-Offload = Literal["none", "optimizer"]
+Offload = Literal["none", "optimizer", "layers"]
 Attention = Literal["flash", "unfused"]
 Kernels = Literal["fused", "eager"]
 
@@ -30,7 +30,7 @@ _ON_OFF = {"on": True, "off": False, "true": True, "false": False, "1": True, "0
 _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("gpipe", "1f1b", "interleaved", "zb", "dualpipe"),
     "recompute": ("none", "selective", "op", "full"),
-    "offload": ("none", "optimizer"),
+    "offload": ("none", "optimizer", "layers"),
     "attn": ("flash", "unfused"),
     "kernels": ("fused", "eager"),
 }
@@ -65,6 +65,10 @@ class Plan:
     # layer (any scale: only shares matter), from the routing the placement was made for.
     # With it the simulators time each layer's busiest EP rank. None: even routing.
     expert_load: tuple[tuple[float, ...], ...] | None = None
+    # offload=layers: the units (transformer layers in order, then the embedding/head)
+    # whose weights, gradients and optimizer states live on the host, updated there
+    # (FSDP2's CPU offload of those blocks); from the offloading LP (`planner.offload`).
+    host_layers: tuple[int, ...] | None = None
     version: int = PLAN_VERSION
 
     # ---- compact text form ----------------------------------------------
@@ -96,6 +100,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["stage_layers"] = list(self.stage_layers) if self.stage_layers else None
+        d["host_layers"] = list(self.host_layers) if self.host_layers is not None else None
         if self.expert_placement is not None:
             d["expert_placement"] = [list(row) for row in self.expert_placement]
         if self.expert_load is not None:
@@ -113,8 +118,9 @@ class Plan:
         require(data.get("version", PLAN_VERSION) == PLAN_VERSION, "plan.version",
                 f"this meshplan reads plan version {PLAN_VERSION}, got {data.get('version')}")
         data = dict(data)
-        if data.get("stage_layers") is not None:
-            data["stage_layers"] = tuple(int(x) for x in data["stage_layers"])
+        for key in ("stage_layers", "host_layers"):
+            if data.get(key) is not None:
+                data[key] = tuple(int(x) for x in data[key])
         if data.get("expert_placement") is not None:
             data["expert_placement"] = _placement(data["expert_placement"])
         if data.get("expert_load") is not None:

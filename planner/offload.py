@@ -27,151 +27,38 @@ misses and by how much.
 
 `quantise` rounds the fractions to what the runtime executes: per layer, all of the
 layer's state on the GPU or all on the host (FSDP2's CPU offload of that block, update on
-the CPU), and per layer recompute on or off; no NVMe.
+the CPU), and recompute on or off; no NVMe.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pulp
 
 from meshplan.core.cluster import ClusterSpec
-from meshplan.core.errors import SpecError, require
+from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
 from meshplan.core.workload import TrainWorkload
-from meshplan.costmodels import memory as mem
-from meshplan.costmodels.costs import OPTIMIZER_BYTES_PER_PARAM
-from meshplan.simulator.analytical import CostCache, PlanCosts, prepare
+from meshplan.costmodels.offload import (
+    PHASES,
+    STATES,
+    TIERS,
+    OffloadProblem,
+    OffloadSolution,
+    Quantised,
+    capacity,
+    phase_times,
+    runtime_solution,
+    tier_bytes,
+)
+from meshplan.simulator.analytical import CostCache, prepare
 
-TIERS = ("gpu", "cpu", "nvme")
-STATES = ("weights", "grads", "optimizer")
-PHASES = ("forward/backward", "optimizer")
 GB = 1e-9
 TIE_BREAK = 1e-3
-
-
-@dataclass(frozen=True, kw_only=True)
-class OffloadUnit:
-    name: str
-    weight_bytes: float
-    grad_bytes: float
-    optimizer_bytes: float
-    params: float  # parameters this GPU updates for the unit
-    act_bytes: float  # saved by one micro-batch without recompute
-    ckpt_bytes: float  # kept by one micro-batch under full recompute
-    fwd_s: float  # one micro-batch
-    bwd_s: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class OffloadProblem:
-    units: tuple[OffloadUnit, ...]
-    micro_batches: int
-    inflight: float  # micro-batches whose activations are alive at the peak
-    gpu_bytes: float  # HBM left for states, activations and stream buffers
-    cpu_bytes: float  # host memory for this GPU
-    nvme_bytes: float
-    pcie_bytes_per_s: float  # per direction
-    nvme_bytes_per_s: float
-    gpu_update_s_per_param: float
-    cpu_update_s_per_param: float
-
-    def __post_init__(self) -> None:
-        require(len(self.units) > 0, "offload.units", "no units")
-        require(self.micro_batches >= 1 and self.inflight > 0, "offload",
-                f"micro-batches {self.micro_batches}, in flight {self.inflight}")
-        for name in ("pcie_bytes_per_s", "gpu_update_s_per_param", "cpu_update_s_per_param"):
-            require(getattr(self, name) > 0, f"offload.{name}",
-                    f"must be > 0, got {getattr(self, name)}")
-
-    @property
-    def stream_buffer_bytes(self) -> float:
-        """Two layers' weights: the one computing and the one being fetched."""
-        return 2 * max(u.weight_bytes for u in self.units)
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class OffloadSolution:
-    """Fractions per unit: `states[s]` [units, 3] over TIERS for s in STATES, `acts`
-    [units, 3] over (keep, host, recompute)."""
-
-    states: dict[str, np.ndarray]
-    acts: np.ndarray
-    fb_s: float
-    optimizer_s: float
-    solve_s: float = 0.0
-
-    @property
-    def step_s(self) -> float:
-        return self.fb_s + self.optimizer_s
-
-
-@dataclass(frozen=True, kw_only=True)
-class Quantised:
-    """What the runtime runs: per unit, state on the host (FSDP CPU offload) or not, and
-    recompute on or off."""
-
-    host: tuple[bool, ...]
-    recompute: tuple[bool, ...]
-
-
-# ---- the model of a solution (shared by the LP's check, quantisation and tests) --------
-
-def tier_bytes(pr: OffloadProblem, sol: OffloadSolution) -> dict[tuple[str, str], float]:
-    """Bytes each tier holds in each phase."""
-    u = pr.units
-    size = {"weights": np.array([x.weight_bytes for x in u]),
-            "grads": np.array([x.grad_bytes for x in u]),
-            "optimizer": np.array([x.optimizer_bytes for x in u])}
-    held = {t: sum(float(sol.states[s][:, k] @ size[s]) for s in STATES)
-            for k, t in enumerate(TIERS)}
-    act = np.array([x.act_bytes for x in u]) * pr.inflight
-    ckpt = np.array([x.ckpt_bytes for x in u]) * pr.inflight
-    streams = bool(sol.states["weights"][:, 1:].sum() > 1e-9)
-    on_gpu_fb = (held["gpu"] + float(sol.acts[:, 0] @ act) + float(sol.acts[:, 2] @ ckpt)
-                 + (pr.stream_buffer_bytes if streams else 0.0))
-    host_acts = float(sol.acts[:, 1] @ act)
-    return {("forward/backward", "gpu"): on_gpu_fb, ("optimizer", "gpu"): held["gpu"],
-            ("forward/backward", "cpu"): held["cpu"] + host_acts,
-            ("optimizer", "cpu"): held["cpu"],
-            ("forward/backward", "nvme"): held["nvme"], ("optimizer", "nvme"): held["nvme"]}
-
-
-def _col(pr: OffloadProblem, attr: str) -> np.ndarray:
-    return np.array([getattr(x, attr) for x in pr.units])
-
-
-def _over(nbytes: float, rate: float) -> float:
-    return nbytes / rate if rate else (0.0 if nbytes == 0 else float("inf"))
-
-
-def capacity(pr: OffloadProblem, tier: str) -> float:
-    return {"gpu": pr.gpu_bytes, "cpu": pr.cpu_bytes, "nvme": pr.nvme_bytes}[tier]
-
-
-def phase_times(pr: OffloadProblem, sol: OffloadSolution) -> tuple[float, float]:
-    """(forward/backward, optimizer) seconds of a solution, by the LP's own rules."""
-    m = pr.micro_batches
-    w, g, o, a = sol.states["weights"], sol.states["grads"], sol.states["optimizer"], sol.acts
-    wb, gb, ob, ab = (_col(pr, k) for k in ("weight_bytes", "grad_bytes", "optimizer_bytes",
-                                             "act_bytes"))
-    fwd, bwd, params = _col(pr, "fwd_s"), _col(pr, "bwd_s"), _col(pr, "params")
-    compute = m * float((fwd + bwd + a[:, 2] * fwd).sum())
-    up = float(2 * m * (w[:, 1] + w[:, 2]) @ wb + m * a[:, 1] @ ab)
-    down = float(m * a[:, 1] @ ab + m * (g[:, 1] + g[:, 2]) @ gb)
-    fb = max(compute, up / pr.pcie_bytes_per_s, down / pr.pcie_bytes_per_s,
-             _over(float(2 * m * w[:, 2] @ wb + 2 * m * g[:, 2] @ gb), pr.nvme_bytes_per_s))
-    off = o[:, 1] + o[:, 2]
-    opt = max(float(o[:, 0] @ params) * pr.gpu_update_s_per_param,
-              float(off @ params) * pr.cpu_update_s_per_param,
-              float(off @ wb) / pr.pcie_bytes_per_s,
-              _over(float(2 * o[:, 2] @ ob + w[:, 2] @ wb), pr.nvme_bytes_per_s))
-    return fb, opt
-
 
 # ---- the LP ----------------------------------------------------------------------
 
@@ -307,7 +194,7 @@ def quantise(pr: OffloadProblem, sol: OffloadSolution) -> tuple[Quantised, Offlo
         pr.units[i].fwd_s + pr.units[i].bwd_s, 1e-12))
     while True:
         q = Quantised(host=tuple(host), recompute=tuple(recompute))
-        fixed = _as_solution(pr, q)
+        fixed = runtime_solution(pr, q)
         used = tier_bytes(pr, fixed)
         if all(used[ph, "gpu"] <= pr.gpu_bytes for ph in PHASES):
             break
@@ -329,74 +216,18 @@ def quantise(pr: OffloadProblem, sol: OffloadSolution) -> tuple[Quantised, Offlo
     return q, fixed
 
 
-def _as_solution(pr: OffloadProblem, q: Quantised) -> OffloadSolution:
-    n = len(pr.units)
-    tier = np.array([[0.0, 1.0, 0.0] if h else [1.0, 0.0, 0.0] for h in q.host])
-    acts = np.array([[0.0, 0.0, 1.0] if r else [1.0, 0.0, 0.0] for r in q.recompute])
-    sol = OffloadSolution(states={s: tier.copy() for s in STATES}, acts=acts.reshape(n, 3),
-                          fb_s=0.0, optimizer_s=0.0)
-    fb, opt = phase_times(pr, sol)
-    return OffloadSolution(states=sol.states, acts=sol.acts, fb_s=fb, optimizer_s=opt)
-
-
 # ---- from a plan ---------------------------------------------------------------------
 
 def offload_problem(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, plan: Plan,
                     cache: CostCache | None = None, rank: int = 0) -> OffloadProblem:
     """One GPU of pipeline rank `rank` under `plan` (its ZeRO sharding, micro-batches and
     schedule), whatever the plan's own offload and recompute settings: the LP chooses
-    those. Per-layer time and bytes come from the analytical engine's `PlanCosts`; the
-    host's update rate from its DRAM bandwidth shared by the node's GPUs (Adam touches
-    `OPTIMIZER_BYTES_PER_PARAM` bytes a parameter)."""
-    base = replace(plan, offload="none", recompute="none")
-    cm = prepare(model, cluster, work, base, cache)
-    p, node = cm.plan, cluster.node
-    units = []
-    for stage in cm.rank_stages[rank]:
-        start = sum(cm.stage_layers[:stage])
-        for layer in range(start, start + cm.stage_layers[stage]):
-            units.append(_layer_unit(cm, layer))
-        first, last = stage == 0, stage == len(cm.stage_layers) - 1
-        if first or last:
-            units.append(_end_unit(cm, first, last))
-    gpn = node.gpus_per_node
-    host_bw = node.host_mem_bw_bytes_per_s / gpn
-    fixed = (cluster.device.runtime_reserved_bytes + cm.recompute_peak_bytes()
-             + (mem.head_activation_bytes(model, cm.shard, p.kernels == "eager")
-                if len(cm.stage_layers) - 1 in cm.rank_stages[rank] else 0.0))
-    return OffloadProblem(
-        units=tuple(units), micro_batches=cm.m,
-        inflight=mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, cm.m),
-        gpu_bytes=cluster.device.hbm_bytes - fixed, cpu_bytes=node.host_memory_bytes / gpn,
-        nvme_bytes=node.nvme_bytes / gpn, pcie_bytes_per_s=node.pcie_bw_bytes_per_s,
-        nvme_bytes_per_s=node.nvme_bw_bytes_per_s / gpn,
-        gpu_update_s_per_param=cm.costs.optimizer_s(work.optimizer, 1e9, 1) / 1e9,
-        cpu_update_s_per_param=OPTIMIZER_BYTES_PER_PARAM[work.optimizer] / host_bw)
+    those (`PlanCosts.offload_problem`)."""
+    base = replace(plan, offload="none", recompute="none", host_layers=None)
+    return prepare(model, cluster, work, base, cache).offload_problem(rank)
 
 
-def _layer_unit(cm: PlanCosts, layer: int) -> OffloadUnit:
-    moe = cm.model.is_moe_layer(layer)
-    dense, expert = cm.layer_params(moe)
-    weights, grads, optimizer, _ = cm.state_bytes(dense, expert)
-    f, b = cm.layer_phase(moe)
-    return OffloadUnit(name=f"layer {layer}", weight_bytes=weights, grad_bytes=grads,
-                       optimizer_bytes=optimizer, params=_updated(cm, dense, expert),
-                       act_bytes=cm.layer_acts("none", moe), ckpt_bytes=cm.layer_acts("full", moe),
-                       fwd_s=f.total, bwd_s=b.total)
-
-
-def _end_unit(cm: PlanCosts, first: bool, last: bool) -> OffloadUnit:
-    params = cm.end_params(first, last)
-    weights, grads, optimizer, _ = cm.state_bytes(params, 0.0)
-    f, b = cm.ends_phase(first, last)
-    return OffloadUnit(name="embedding/head", weight_bytes=weights, grad_bytes=grads,
-                       optimizer_bytes=optimizer, params=_updated(cm, params, 0.0),
-                       act_bytes=0.0, ckpt_bytes=0.0, fwd_s=f.total, bwd_s=b.total)
-
-
-def _updated(cm: PlanCosts, dense: float, expert: float) -> float:
-    """Parameters this GPU steps: its ZeRO shard."""
-    p = cm.plan
-    if p.zero == 0:
-        return dense + expert
-    return dense / (p.dp * p.cp) + expert / cm.edp
+def offload_plan(plan: Plan, q: Quantised) -> Plan:
+    """The plan that runs a quantised choice: `offload=layers` with the host's units."""
+    return replace(plan, offload="layers", recompute="full" if any(q.recompute) else "none",
+                   host_layers=tuple(i for i, h in enumerate(q.host) if h))

@@ -28,6 +28,7 @@ from meshplan.costmodels.calibrated import HardwareProfile, costs_for
 from meshplan.simulator.analytical import CostCache, assemble, prepare
 from meshplan.simulator.des import simulate_des
 
+from .offload import offload_plan, offload_problem, quantise, solve_offload
 from .placement import plan_placement
 from .space import SearchSpace, enumerate_plans
 from .split import optimise_split
@@ -130,6 +131,8 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
     heap: list[tuple[tuple[float, float], int, SimResult]] = []  # max-heap on key via negation
     enumerated = over = timed = 0
     tightest: tuple[float, Plan] | None = None
+    to_offload: list[tuple[float, int, Plan]] = []  # the tightest plans without pipelining
+    plain_fits = False  # some plan fits without offloading
     placed = _Placer(model, cluster, routing)
     for plan in map(placed, enumerate_plans(model, cluster, work, space)):
         enumerated += 1
@@ -141,17 +144,21 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
             over += 1
             if tightest is None or peak < tightest[0]:
                 tightest = (peak, costs.plan)
+            if _offloadable(costs.plan):
+                _keep(to_offload, (-peak, enumerated, costs.plan), OFFLOAD_TRIES)
             continue
         r = assemble(costs)
         timed += 1
+        plain_fits |= costs.plan.offload == "none"
         key = _key(objective, cluster, r)
-        item = ((-key[0], -key[1]), timed, r)
-        if len(heap) < keep:
-            heapq.heappush(heap, item)
-        elif item[0] > heap[0][0]:
-            heapq.heapreplace(heap, item)
+        _keep(heap, ((-key[0], -key[1]), timed, r), keep)
     if progress:
         progress(enumerated % 256)
+    if not plain_fits:  # the offloading LP for the tightest, then what the runtime can run
+        for r in _offloaded(model, cluster, work, [p for _, _, p in to_offload], cache):
+            timed += 1
+            _keep(heap, ((-_key(objective, cluster, r)[0], -_key(objective, cluster, r)[1]),
+                         timed, r), keep)
     if not heap:
         raise _nothing_fits(cluster, enumerated, tightest)
     results = [r for _, _, r in heap]
@@ -163,6 +170,41 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
     stats = SearchStats(enumerated=enumerated, over_memory=over, timed=timed,
                         split_refined=refined, des_refined=min(refine_des, len(results)))
     return SearchResult(ranked=tuple(results[:top]), stats=stats, objective=objective)
+
+
+OFFLOAD_TRIES = 48  # plans that miss memory the offloading LP is tried on, tightest first
+
+
+def _offloadable(plan: Plan) -> bool:
+    """What the LP starts from: one pipeline stage (its units are whole layers), ZeRO-3
+    (the runtime's per-layer host offload is FSDP2's), recompute and offload left to it."""
+    return (plan.pp == 1 and plan.zero == 3 and plan.recompute == "none"
+            and plan.offload == "none")
+
+
+def _keep(heap: list, item: tuple, size: int) -> None:
+    """Keep the `size` largest items (a min-heap on the first field)."""
+    if len(heap) < size:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
+
+
+def _offloaded(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
+               plans: list[Plan], cache: CostCache) -> list[SimResult]:
+    """Plans that do not fit, given the offloading LP's choice rounded to what the runtime
+    runs (`planner.offload`); those that then fit, timed."""
+    out = []
+    for plan in plans:
+        try:
+            pr = offload_problem(model, cluster, work, plan, cache)
+            q, _ = quantise(pr, solve_offload(pr))
+        except SpecError:
+            continue  # even offloading cannot hold this one
+        r = assemble(prepare(model, cluster, work, offload_plan(plan, q), cache))
+        if r.fits:
+            out.append(r)
+    return out
 
 
 def _nothing_fits(cluster: ClusterSpec, enumerated: int,

@@ -202,10 +202,15 @@ def apply_fsdp(model: Transformer, plan: Plan, mesh: Mesh) -> None:
     """ZeRO-3 reshards parameters after forward; ZeRO-1/2 keep them gathered until the
     step (FSDP2 reduce-scatters gradients in backward for both, so ZeRO-1 and ZeRO-2 run
     alike). Expert-parallel experts stay out of FSDP: `grads.py` reduces them."""
-    offload = plan.offload == "optimizer" and mesh.device_type == "cuda"  # CPU: already there
-    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
-    kw = dict(mesh=mesh.dp_cp, reshard_after_forward=plan.zero == 3, offload_policy=policy,
+    cuda = mesh.device_type == "cuda"  # on a CPU device everything is already on the host
+    host = set(plan.host_layers or ()) if plan.offload == "layers" else set()
+
+    def policy(unit: int) -> OffloadPolicy:  # offload=layers: the LP's units on the host
+        on_host = plan.offload == "optimizer" or unit in host
+        return CPUOffloadPolicy() if cuda and on_host else OffloadPolicy()
+
+    kw = dict(mesh=mesh.dp_cp, reshard_after_forward=plan.zero == 3,
               ignored_params=expert_params(model) or None)
-    for block in model.layers.values():
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    for name, block in model.layers.items():
+        fully_shard(block, offload_policy=policy(int(name)), **kw)
+    fully_shard(model, offload_policy=policy(len(model.layers)), **kw)

@@ -54,8 +54,11 @@ def refuse_unsupported_plan(spec: ModelSpec, plan: Plan, cuda: bool) -> None:
         if slots != {n}:
             raise SpecError("plan.expert_placement", f"{sorted(slots)} slots for {n} experts: "
                             "the runtime places each expert once (no replicas yet)")
-    if plan.offload == "optimizer" and plan.zero == 0 and cuda:
-        raise SpecError("plan.offload", "optimizer offload on CUDA needs zero >= 1 "
+    if plan.offload == "layers" and plan.dp * plan.cp == 1 and cuda:
+        raise SpecError("plan.offload", "offload=layers on CUDA runs through FSDP2, which "
+                        "needs dp*cp > 1")
+    if plan.offload in ("optimizer", "layers") and plan.zero == 0 and cuda:
+        raise SpecError("plan.offload", f"offload={plan.offload} on CUDA needs zero >= 1 "
                         "(FSDP2's CPU offload policy)")
 
 
@@ -79,6 +82,6 @@ def execution_notes(spec: ModelSpec, plan: Plan, device: str) -> list[str]:
         notes.append("attn=unfused: ring attention runs fused flash kernels per block")
     elif plan.attn == "unfused":
         notes.append("attn=unfused: scaled_dot_product_attention still picks a fused kernel")
-    if plan.offload == "optimizer" and device == "cpu":
-        notes.append("offload=optimizer: nothing to move on CPU")
+    if plan.offload in ("optimizer", "layers") and device == "cpu":
+        notes.append(f"offload={plan.offload}: nothing to move on CPU")
     return notes

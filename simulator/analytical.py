@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
+import numpy as np
+
 from meshplan.core.check import check_plan
 from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError
@@ -38,6 +40,15 @@ from meshplan.costmodels.flops import (
     layer_ops,
     model_flops_per_token,
     recompute_flops_per_token,
+)
+from meshplan.costmodels.offload import (
+    OffloadProblem,
+    OffloadSolution,
+    OffloadUnit,
+    Quantised,
+    optimizer_phase_s,
+    runtime_solution,
+    transfer_s,
 )
 
 DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default, also meshplan's runtime
@@ -404,6 +415,11 @@ class PlanCosts:
         out = dense * self.layer_parts(False).gemm_f
         return out + (moe * self.layer_parts(True).gemm_f if moe else 0.0)
 
+    def stream_s(self) -> float:
+        """offload=layers: forward/backward's PCIe time streaming the host's layers in
+        (each micro-batch's forward and backward) and their gradients out."""
+        return 0.0 if self._host_layers is None else transfer_s(*self._host_layers)
+
     def twin_sync_s(self, rank: int) -> float:
         """DualPipe keeps each block on two ranks (r and pp − 1 − r); their gradients are
         summed by an all-reduce between the two before the optimizer step."""
@@ -476,13 +492,20 @@ class PlanCosts:
 
     def rank_memory(self, rank: int) -> MemoryBreakdown:
         dense, expert = self.rank_params(rank)
-        weights, grads, optimizer, gathered = self.state_bytes(dense, expert)
-        buffers = self.cluster.device.runtime_reserved_bytes + gathered
-        if self.regathers:  # current and prefetched layer gathered, + their grads
-            layer = (dense + expert) / max(1, self.rank_layers(rank))
-            buffers += 2 * 4 * layer
-        return MemoryBreakdown(weights=weights, gradients=grads, optimizer=optimizer,
-                               activations=self._rank_activations(rank), buffers=buffers)
+        weights, grads, optimizer, _ = self.state_bytes(dense, expert)
+        hw, hg, ho, streams = self.host_state_bytes()
+        return MemoryBreakdown(weights=weights - hw, gradients=grads - hg,
+                               optimizer=optimizer - ho, activations=self._rank_activations(rank),
+                               buffers=self._buffers(rank) + streams)
+
+    def _buffers(self, rank: int) -> float:
+        """The runtime's reserve, parameters ZeRO-3 keeps gathered under pipelining, and
+        without pipelining the current and prefetched layer gathered with their grads."""
+        dense, expert = self.rank_params(rank)
+        out = self.cluster.device.runtime_reserved_bytes + self.state_bytes(dense, expert)[3]
+        if self.regathers:
+            out += 2 * 4 * (dense + expert) / max(1, self.rank_layers(rank))
+        return out
 
     def _rank_activations(self, rank: int) -> float:
         p = self.plan
@@ -497,6 +520,85 @@ class PlanCosts:
             acts += mem.head_activation_bytes(self.model, self.shard,
                                               self.plan.kernels == "eager")
         return acts
+
+    # ---- offloading (`costmodels.offload`; the LP is `planner.offload`) ----------------
+    def offload_problem(self, rank: int = 0) -> OffloadProblem:
+        """One GPU of pipeline rank `rank`: its units (the layers in order, then the
+        embedding/head) with their state bytes, activations and compute; its tiers. The
+        host's update rate is its DRAM bandwidth shared by the node's GPUs (Adam touches
+        `OPTIMIZER_BYTES_PER_PARAM` bytes a parameter)."""
+        p, node = self.plan, self.cluster.node
+        units = []
+        for stage in self.rank_stages[rank]:
+            start = sum(self.stage_layers[:stage])
+            units += [self._layer_unit(i) for i in range(start, start + self.stage_layers[stage])]
+            first, last = stage == 0, stage == len(self.stage_layers) - 1
+            if first or last:
+                units.append(self._end_unit(first, last))
+        gpn = node.gpus_per_node
+        # what stays whatever the LP chooses: buffers, the logits, and one layer's full
+        # activations while it is recomputed (`rank_memory`, `_rank_activations`)
+        fixed = (self._buffers(rank) + self.layer_acts("none", self.model.is_moe)
+                 + (mem.head_activation_bytes(self.model, self.shard, p.kernels == "eager")
+                    if len(self.stage_layers) - 1 in self.rank_stages[rank] else 0.0))
+        return OffloadProblem(
+            units=tuple(units), micro_batches=self.m,
+            inflight=mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, self.m),
+            gpu_bytes=self.cluster.device.hbm_bytes - fixed,
+            cpu_bytes=node.host_memory_bytes / gpn, nvme_bytes=node.nvme_bytes / gpn,
+            pcie_bytes_per_s=node.pcie_bw_bytes_per_s,
+            nvme_bytes_per_s=node.nvme_bw_bytes_per_s / gpn,
+            gpu_update_s_per_param=self.costs.optimizer_s(self.work.optimizer, 1e9, 1) / 1e9,
+            cpu_update_s_per_param=OPTIMIZER_BYTES_PER_PARAM[self.work.optimizer]
+            / (node.host_mem_bw_bytes_per_s / gpn))
+
+    def _layer_unit(self, layer: int) -> OffloadUnit:
+        moe = self.model.is_moe_layer(layer)
+        dense, expert = self.layer_params(moe)
+        weights, grads, optimizer, _ = self.state_bytes(dense, expert)
+        f, b = self.layer_phase(moe)
+        return OffloadUnit(name=f"layer {layer}", weight_bytes=weights, grad_bytes=grads,
+                           optimizer_bytes=optimizer, params=self._updated(dense, expert),
+                           act_bytes=self.layer_acts("none", moe),
+                           ckpt_bytes=self.layer_acts("full", moe), fwd_s=f.total, bwd_s=b.total)
+
+    def _end_unit(self, first: bool, last: bool) -> OffloadUnit:
+        params = self.end_params(first, last)
+        weights, grads, optimizer, _ = self.state_bytes(params, 0.0)
+        f, b = self.ends_phase(first, last)
+        return OffloadUnit(name="embedding/head", weight_bytes=weights, grad_bytes=grads,
+                           optimizer_bytes=optimizer, params=self._updated(params, 0.0),
+                           act_bytes=0.0, ckpt_bytes=0.0, fwd_s=f.total, bwd_s=b.total)
+
+    def _updated(self, dense: float, expert: float) -> float:
+        """Parameters this GPU steps: its ZeRO shard."""
+        p = self.plan
+        if p.zero == 0:
+            return dense + expert
+        return dense / (p.dp * p.cp) + expert / self.edp
+
+    @cached_property
+    def _host_layers(self) -> tuple[OffloadProblem, OffloadSolution] | None:
+        """Under offload=layers (pp = 1): the units and the plan's per-layer choice."""
+        if self.plan.offload != "layers":
+            return None
+        pr = self.offload_problem(0)
+        host = set(self.plan.host_layers or ())
+        q = Quantised(host=tuple(i in host for i in range(len(pr.units))),
+                      recompute=(False,) * len(pr.units))
+        return pr, runtime_solution(pr, q)
+
+    def host_state_bytes(self) -> tuple[float, float, float, float]:
+        """(weights, gradients, optimizer, stream buffers) bytes offload=layers moves off
+        the GPU, and the double buffer it adds for streaming weights in."""
+        if self._host_layers is None:
+            return 0.0, 0.0, 0.0, 0.0
+        pr, sol = self._host_layers
+        on_host = sol.states["weights"][:, 1]
+        sizes = [sum(f * getattr(u, k) for f, u in zip(on_host, pr.units, strict=True))
+                 for k in ("weight_bytes", "grad_bytes", "optimizer_bytes")]
+        streams = pr.stream_buffer_bytes if on_host.any() else 0.0
+        return sizes[0], sizes[1], sizes[2], streams
 
     def recompute_peak_bytes(self) -> float:
         """Full recompute briefly holds one layer's full activations again."""
@@ -577,6 +679,12 @@ class PlanCosts:
         dense, expert = self.rank_params(rank)
         local = dense / (p.dp * p.cp if p.zero >= 1 else 1) + expert / (
             self.edp if p.zero >= 1 else 1)
+        if p.offload == "layers":  # the host updates its layers beside the GPU
+            assert self._host_layers is not None
+            pr, sol = self._host_layers
+            gpu = float(sol.states["optimizer"][:, 0] @ np.array([u.params for u in pr.units]))
+            gpu_s = gpu * pr.gpu_update_s_per_param
+            return gpu_s, max(0.0, optimizer_phase_s(pr, sol) - gpu_s)
         if p.offload == "optimizer":
             node = self.cluster.node
             host_bw = node.host_mem_bw_bytes_per_s / node.gpus_per_node
@@ -633,6 +741,7 @@ def assemble(cm: PlanCosts) -> SimResult:
     dp_exposed, dp_total = cm.dp_exposed_s(worst, phase_f, phase_b)
     dp_exposed += cm.twin_sync_s(worst)
     opt_s, offload_s = cm.optimizer_s(worst)
+    offload_s += max(0.0, cm.stream_s() - pipeline)  # streaming longer than the compute
     step = pipeline + dp_exposed + opt_s + offload_s
 
     w = ranks[worst]

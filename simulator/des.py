@@ -529,6 +529,11 @@ class _Engine:
         without --overlap-param-gather)."""
         opt_s, offload_s = self.cm.optimizer_s(rank.pp)
         t0 = self.env.now
+        stream = self.cm.stream_s() - t0  # offload=layers: PCIe streaming outlasting compute
+        if stream > 0:
+            yield self.env.timeout(stream)
+            rank.spent["offload"] += stream
+            t0 = self.env.now
         if opt_s:
             yield self.fluid.run(Job(work_s=opt_s * rank.slow, rank=rank.index))
             rank.spent["optimizer"] += self.env.now - t0

@@ -81,3 +81,46 @@ def test_405b_beyond_the_host_says_what_the_runtime_lacks():
     with pytest.raises(SpecError, match=r"offload\.cpu: the runtime's per-layer offload "
                        r"needs [0-9.]+ GB"):
         quantise(pr, sol)
+
+
+def test_search_offloads_layers_when_nothing_fits_without_offloading():
+    from meshplan.costmodels.offload import Quantised, runtime_solution
+    from meshplan.planner.space import SearchSpace
+    from meshplan.simulator.analytical import prepare
+
+    m, c, w, _ = _case("llama3-70b", "a100-40gb", 8, "dp=8")
+    space = SearchSpace(tp=(1, 2), pp=(1,), cp=(1,), mbs=(1,), zero=(3,),
+                        recompute=("none", "full"), offload=("none", "optimizer"))
+    found = mp.search(m, c, w, space=space, top=3)
+    best = found.best
+    assert best.plan.offload == "layers" and best.fits and best.plan.host_layers
+    # the plan the runtime would run holds on every tier in every phase
+    cm = prepare(m, c, w, dataclasses.replace(best.plan, offload="none", host_layers=None,
+                                              recompute="none"), None)
+    pr = cm.offload_problem(0)
+    host = set(best.plan.host_layers)
+    q = Quantised(host=tuple(i in host for i in range(len(pr.units))),
+                  recompute=(best.plan.recompute == "full",) * len(pr.units))
+    _holds(pr, runtime_solution(pr, q), tiers=("gpu", "cpu"))
+    assert best.peak_memory_bytes <= c.device.hbm_bytes
+    # beats the coarse optimizer offload the space also offers, in both engines
+    coarse = [r for r in found.ranked if r.plan.offload == "optimizer"]
+    assert not coarse or best.step_time_s < coarse[0].step_time_s
+    des = mp.simulate(m, c, w, best.plan, engine="des")
+    assert des.step_time_s == pytest.approx(best.step_time_s, rel=0.05)
+
+
+def test_offload_layers_is_checked():
+    from meshplan.core.check import check_plan
+
+    m, c, w, _ = _case("llama3-70b", "a100-40gb", 8, "dp=8")
+    fields = {v.field: v.message for v in check_plan(
+        m, c, w, mp.Plan.parse("dp=4,pp=2,offload=layers").resolve(8))}
+    assert "pp=2" in fields["plan.offload"]
+    bad = dataclasses.replace(mp.Plan.parse("dp=8,zero=3"), host_layers=(0, 99))
+    fields = {v.field: v.message for v in check_plan(m, c, w, bad.resolve(8))}
+    assert "only with offload=layers" in fields["plan.host_layers"]
+    bad = dataclasses.replace(mp.Plan.parse("dp=8,zero=3,offload=layers"), host_layers=(0, 99))
+    fields = {v.field: v.message for v in check_plan(m, c, w, bad.resolve(8))}
+    assert "units [99] outside 0..80" in fields["plan.host_layers"]
+    assert mp.Plan.from_json(bad.to_json()).host_layers == (0, 99)

@@ -165,6 +165,11 @@ def _add_place(sub) -> None:
     pl.add_argument("--tokens", type=int, default=4096, help="synthetic: tokens per layer")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--time-limit", type=float, default=60.0, help="seconds for the MILPs")
+    pl.add_argument("--current", metavar="MAPS.json",
+                    help="the placement now in use (an --out file): moves from it cost "
+                    "--migration-s each")
+    pl.add_argument("--migration-s", type=float, default=0.0,
+                    help="seconds one moved expert replica costs (with --current)")
     pl.add_argument("--out", help="write the EPLB-style maps as JSON")
     pl.add_argument("--json", action="store_true")
 
@@ -410,7 +415,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _place(args: argparse.Namespace) -> int:
-    from meshplan.planner.placement import PlacementProblem, optimise_placement, token_costs_s
+    from meshplan.planner.placement import (
+        Placement,
+        PlacementProblem,
+        optimise_placement,
+        token_costs_s,
+    )
 
     model, cluster = load_model(args.model), load_cluster(args.cluster, args.gpus)
     require(model.moe is not None, "model", f"{model.name} has no experts to place")
@@ -418,10 +428,17 @@ def _place(args: argparse.Namespace) -> int:
     routing = _routing(args.trace or args.synthetic, model, args.tokens, args.affinity,
                        args.seed)
     compute_s, nic_s = token_costs_s(model, cluster)
+    current = None
+    if args.current:
+        maps = json.loads(Path(args.current).read_text())
+        require("physical_to_logical" in maps, "current", f"{args.current} has no "
+                "physical_to_logical map")
+        current = Placement.from_maps(maps["physical_to_logical"], cluster.n_gpus)
     problem = PlacementProblem(routing=routing, n_gpus=cluster.n_gpus,
                                gpus_per_node=min(cluster.node.gpus_per_node, cluster.n_gpus),
                                redundant=args.redundant, slots_per_gpu=args.slots_per_gpu,
-                               compute_s_per_token=compute_s, nic_s_per_token=nic_s)
+                               compute_s_per_token=compute_s, nic_s_per_token=nic_s,
+                               current=current, migration_s_per_expert=args.migration_s)
     result = optimise_placement(problem, args.time_limit)
     maps = result.placement.maps(routing.n_experts)
     if args.out:

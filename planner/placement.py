@@ -94,6 +94,18 @@ class Placement:
     gpu_experts: tuple[tuple[tuple[int, ...], ...], ...]
     method: str = ""
 
+    @classmethod
+    def from_maps(cls, physical_to_logical: list, n_gpus: int) -> Placement:
+        """Back from EPLB's map (per layer, G x slots entries, -1 for a free slot)."""
+        rows = []
+        for layer, row in enumerate(physical_to_logical):
+            require(len(row) % n_gpus == 0, f"placement.current[{layer}]",
+                    f"{len(row)} slots do not split over {n_gpus} GPUs")
+            per = len(row) // n_gpus
+            rows.append(tuple(tuple(int(e) for e in row[g * per:(g + 1) * per] if e >= 0)
+                              for g in range(n_gpus)))
+        return cls(gpu_experts=tuple(rows), method="current")
+
     def replica_counts(self, n_experts: int) -> np.ndarray:
         out = np.zeros((len(self.gpu_experts), n_experts), dtype=int)
         for layer, gpus in enumerate(self.gpu_experts):

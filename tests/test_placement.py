@@ -142,6 +142,11 @@ def test_place_experts_cli(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["objective_s"] <= min(b["objective_s"] for b in data["baselines"].values())
     assert len(json.loads(out.read_text())["physical_to_logical"]) == 32  # MoE layers
+    again = main(["place-experts", "--model", "mixtral-8x7b", "--cluster", "h100-sxm",
+                  "--gpus", "8", "--redundant", "8", "--synthetic", "zipf:0.8",
+                  "--tokens", "512", "--time-limit", "4", "--json", "--current", str(out),
+                  "--migration-s", "1"])
+    assert again == 0 and json.loads(capsys.readouterr().out)["moved"] == 0
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"topk_ids": [[[0, 9]]]}))
     assert main(["place-experts", "--model", "mixtral-8x7b", "--cluster", "h100-sxm",

@@ -76,74 +76,83 @@ def solve_offload(pr: OffloadProblem, time_limit_s: float = 10.0) -> OffloadSolu
                            solve_s=time.perf_counter() - t0)
 
 
+ACTS = ("keep", "host", "recompute")
+
+
 def _build(pr: OffloadProblem, elastic: bool) -> tuple[pulp.LpProblem, dict]:
-    n, m = len(pr.units), pr.micro_batches
+    """The LP; with `elastic`, capacities get overflows (GB) to minimise instead."""
+    n = len(pr.units)
     prob = pulp.LpProblem("offload", pulp.LpMinimize)
-    v = {(s, i, t): prob.add_variable(f"{s}_{i}_{t}", 0, 1)
-         for s in STATES for i in range(n) for t in TIERS}
-    a = {(i, k): prob.add_variable(f"act_{i}_{k}", 0, 1)
-         for i in range(n) for k in ("keep", "host", "recompute")}
-    if not pr.nvme_bytes_per_s or not pr.nvme_bytes:
-        for s in STATES:
-            for i in range(n):
-                v[s, i, "nvme"].upBound = 0
-    fb = prob.add_variable("fb_s", 0)
-    opt = prob.add_variable("optimizer_s", 0)
-    stream = prob.add_variable("streams", cat="Binary")  # 1 when any weights leave the GPU
-    over = {(ph, t): prob.add_variable(f"over_{ph[:3]}_{t}", 0)
-            for ph in PHASES for t in TIERS} if elastic else {}
-    u = pr.units
+    nvme = 1 if pr.nvme_bytes_per_s and pr.nvme_bytes else 0
+    var = {"v": {(s, i, t): prob.add_variable(f"{s}_{i}_{t}", 0, nvme if t == "nvme" else 1)
+                 for s in STATES for i in range(n) for t in TIERS},
+           "a": {(i, k): prob.add_variable(f"act_{i}_{k}", 0, 1)
+                 for i in range(n) for k in ACTS},
+           "stream": prob.add_variable("streams", cat="Binary"),  # any weights off the GPU
+           "over": {(ph, t): prob.add_variable(f"over_{ph[:3]}_{t}", 0)
+                    for ph in PHASES for t in TIERS} if elastic else {}}
+    v, a, stream = var["v"], var["a"], var["stream"]
     for i in range(n):
         for s in STATES:
             prob += pulp.lpSum(v[s, i, t] for t in TIERS) == 1, f"{s}_placed_{i}"
-        prob += pulp.lpSum(a[i, k] for k in ("keep", "host", "recompute")) == 1, f"acts_{i}"
+        prob += pulp.lpSum(a[i, k] for k in ACTS) == 1, f"acts_{i}"
         prob += v["grads", i, "gpu"] <= v["optimizer", i, "gpu"], f"grads_with_update_{i}"
         prob += stream >= 1 - v["weights", i, "gpu"], f"streams_{i}"
-    compute = m * pulp.lpSum(x.fwd_s + x.bwd_s + x.fwd_s * a[i, "recompute"]
-                             for i, x in enumerate(u))
+    fb, opt, moved = _time_rows(pr, prob, v, a)
+    _capacity_rows(pr, prob, var)
+    # Transfers and recompute hidden under the bottleneck cost nothing in fb + opt; a
+    # small price on them keeps state on the GPU when moving it gains nothing.
+    prob += (pulp.lpSum(var["over"].values()) if elastic else fb + opt + TIE_BREAK * moved)
+    return prob, var
+
+
+def _time_rows(pr: OffloadProblem, prob: pulp.LpProblem, v: dict, a: dict) -> tuple:
+    """The two phases' time bounds (`costmodels.offload.phase_times`); returns their
+    variables and the seconds of transfers and recompute."""
+    m, u = pr.micro_batches, list(enumerate(pr.units))
+    fb, opt = prob.add_variable("fb_s", 0), prob.add_variable("optimizer_s", 0)
+    recompute = m * pulp.lpSum(x.fwd_s * a[i, "recompute"] for i, x in u)
     up = pulp.lpSum(2 * m * x.weight_bytes * (v["weights", i, "cpu"] + v["weights", i, "nvme"])
-                    + m * x.act_bytes * a[i, "host"] for i, x in enumerate(u))
+                    + m * x.act_bytes * a[i, "host"] for i, x in u)
     down = pulp.lpSum(m * x.act_bytes * a[i, "host"]
                       + m * x.grad_bytes * (v["grads", i, "cpu"] + v["grads", i, "nvme"])
-                      for i, x in enumerate(u))
-    prob += fb >= compute, "fb_compute"
+                      for i, x in u)
+    prob += fb >= m * sum(x.fwd_s + x.bwd_s for _, x in u) + recompute, "fb_compute"
     prob += fb >= up * (1 / pr.pcie_bytes_per_s), "fb_pcie_to_gpu"
     prob += fb >= down * (1 / pr.pcie_bytes_per_s), "fb_pcie_to_host"
     if pr.nvme_bytes_per_s:
-        nvme = pulp.lpSum(2 * m * (x.weight_bytes * v["weights", i, "nvme"]
-                                   + x.grad_bytes * v["grads", i, "nvme"])
-                          for i, x in enumerate(u))
-        prob += fb >= nvme * (1 / pr.nvme_bytes_per_s), "fb_nvme"
-        opt_nvme = pulp.lpSum(2 * x.optimizer_bytes * v["optimizer", i, "nvme"]
-                              + x.weight_bytes * v["weights", i, "nvme"]
-                              for i, x in enumerate(u))
-        prob += opt >= opt_nvme * (1 / pr.nvme_bytes_per_s), "opt_nvme"
-    off = {i: v["optimizer", i, "cpu"] + v["optimizer", i, "nvme"] for i in range(n)}
+        prob += fb >= (1 / pr.nvme_bytes_per_s) * pulp.lpSum(
+            2 * m * (x.weight_bytes * v["weights", i, "nvme"]
+                     + x.grad_bytes * v["grads", i, "nvme"]) for i, x in u), "fb_nvme"
+        prob += opt >= (1 / pr.nvme_bytes_per_s) * pulp.lpSum(
+            2 * x.optimizer_bytes * v["optimizer", i, "nvme"]
+            + x.weight_bytes * v["weights", i, "nvme"] for i, x in u), "opt_nvme"
+    off = {i: v["optimizer", i, "cpu"] + v["optimizer", i, "nvme"] for i, _ in u}
     prob += opt >= pr.gpu_update_s_per_param * pulp.lpSum(
-        x.params * v["optimizer", i, "gpu"] for i, x in enumerate(u)), "opt_gpu_update"
+        x.params * v["optimizer", i, "gpu"] for i, x in u), "opt_gpu_update"
     prob += opt >= pr.cpu_update_s_per_param * pulp.lpSum(
-        x.params * off[i] for i, x in enumerate(u)), "opt_cpu_update"
+        x.params * off[i] for i, x in u), "opt_cpu_update"
     prob += opt >= (1 / pr.pcie_bytes_per_s) * pulp.lpSum(
-        x.weight_bytes * off[i] for i, x in enumerate(u)), "opt_pcie_upload"
+        x.weight_bytes * off[i] for i, x in u), "opt_pcie_upload"
+    return fb, opt, (up + down) * (1 / pr.pcie_bytes_per_s) + recompute
+
+
+def _capacity_rows(pr: OffloadProblem, prob: pulp.LpProblem, var: dict) -> None:
+    """Every tier in every phase (`costmodels.offload.tier_bytes`), in GB (the solver's
+    tolerances suit them)."""
+    v, a, u = var["v"], var["a"], list(enumerate(pr.units))
     for ph in PHASES:
         for t in TIERS:
             held = pulp.lpSum(x.weight_bytes * v["weights", i, t] + x.grad_bytes * v["grads", i, t]
-                              + x.optimizer_bytes * v["optimizer", i, t] for i, x in enumerate(u))
+                              + x.optimizer_bytes * v["optimizer", i, t] for i, x in u)
             if t == "gpu" and ph == "forward/backward":
                 held += pulp.lpSum(pr.inflight * (x.act_bytes * a[i, "keep"]
                                                   + x.ckpt_bytes * a[i, "recompute"])
-                                   for i, x in enumerate(u)) + pr.stream_buffer_bytes * stream
+                                   for i, x in u) + pr.stream_buffer_bytes * var["stream"]
             if t == "cpu" and ph == "forward/backward":
-                held += pulp.lpSum(pr.inflight * x.act_bytes * a[i, "host"]
-                                   for i, x in enumerate(u))
-            slack = over[ph, t] if elastic else 0  # rows in GB: tolerances suit them
+                held += pulp.lpSum(pr.inflight * x.act_bytes * a[i, "host"] for i, x in u)
+            slack = var["over"][ph, t] if var["over"] else 0
             prob += held * GB <= capacity(pr, t) * GB + slack, f"capacity_{ph[:3]}_{t}"
-    # Transfers and recompute hidden under the bottleneck cost nothing in fb + opt; a
-    # small price on them keeps state on the GPU when moving it gains nothing.
-    moved = (up + down) * (1 / pr.pcie_bytes_per_s) + m * pulp.lpSum(
-        x.fwd_s * a[i, "recompute"] for i, x in enumerate(u))
-    prob += (pulp.lpSum(over.values()) if elastic else fb + opt + TIE_BREAK * moved)
-    return prob, {"v": v, "a": a, "over": over}
 
 
 def _solve(prob: pulp.LpProblem, time_limit_s: float) -> str:
@@ -158,8 +167,7 @@ def _decode(pr: OffloadProblem, var: dict) -> OffloadSolution:
     n = len(pr.units)
     states = {s: np.array([[var["v"][s, i, t].value() or 0.0 for t in TIERS]
                            for i in range(n)]) for s in STATES}
-    acts = np.array([[var["a"][i, k].value() or 0.0 for k in ("keep", "host", "recompute")]
-                     for i in range(n)])
+    acts = np.array([[var["a"][i, k].value() or 0.0 for k in ACTS] for i in range(n)])
     return OffloadSolution(states=states, acts=acts, fb_s=0.0, optimizer_s=0.0)
 
 

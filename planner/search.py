@@ -280,9 +280,10 @@ class _Placer:
     """Adds the routing's loads and EPLB's placement for the plan's ep (one per ep)."""
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, routing: RoutingStats | None):
-        self.routing = routing if model.moe is not None else None
-        if self.routing is not None:
-            assert model.moe is not None
+        self.routing = routing
+        if routing is not None:
+            require(model.moe is not None, "routing", f"{model.name} has no experts to route")
+            assert model.moe is not None and self.routing is not None
             require(self.routing.n_experts == model.moe.n_experts and
                     self.routing.n_layers in (1, model.n_moe_layers), "routing",
                     f"{self.routing.n_layers} layers x {self.routing.n_experts} experts; "

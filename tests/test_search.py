@@ -180,3 +180,5 @@ def test_search_with_routing_places_experts_and_times_the_busiest_rank():
     with pytest.raises(mp.SpecError, match="routing: 32 layers x 4 experts"):
         mp.search(model, cluster, work, space=space, routing=synthetic_routing(
             n_layers=32, n_experts=4, top_k=2, tokens=64))
+    with pytest.raises(mp.SpecError, match="routing: llama3-8b has no experts"):
+        mp.search(mp.load_model("llama3-8b"), cluster, work, routing=routing)

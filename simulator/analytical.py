@@ -425,9 +425,12 @@ class PlanCosts:
         summed by an all-reduce between the two before the optimizer step."""
         if self.plan.schedule != "dualpipe":
             return 0.0
+        return self.costs.collective_s(self.twin_group, "all_reduce", self.twin_sync_bytes(rank))
+
+    def twin_sync_bytes(self, rank: int) -> float:
+        """The gradients a DualPipe rank sums with its twin (as reduced: fp32 or 16-bit)."""
         dense, expert = self.rank_params(rank)
-        elem = 4 if self.work.dtype == "fp32" else 2
-        return self.costs.collective_s(self.twin_group, "all_reduce", elem * (dense + expert))
+        return (4 if self.work.dtype == "fp32" else 2) * (dense + expert)
 
     def p2p_s(self) -> float:
         """One pipeline send; steady-state sends hide behind compute, fill/drain's do not."""

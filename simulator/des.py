@@ -519,8 +519,8 @@ class _Engine:
                 rank.spent["exposed_comm"] += self.env.now - t0
         twin = self.cm.twin_sync_s(rank.pp)
         if twin:  # DualPipe: the two copies of each block sum their gradients
-            flows = self.pr.collective("pp", self.cm.twin_group, "all_reduce", 1.0, twin,
-                                       "twin all_reduce")
+            flows = self.pr.collective("pp", self.cm.twin_group, "all_reduce",
+                                       self.cm.twin_sync_bytes(rank.pp), twin, "twin all_reduce")
             yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
 
     def _optimizer(self, rank: _Rank):

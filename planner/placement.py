@@ -189,24 +189,26 @@ def token_costs_s(model: ModelSpec, cluster: ClusterSpec, dtype: str = "bf16"
 
 # ---- evaluation (shared by every method and the tests) --------------------------------
 
-def node_shares(pr: PlacementProblem, gpus: tuple[tuple[int, ...], ...]) -> np.ndarray:
-    """y[e, n]: the share of expert e's replicas on node n."""
-    y = np.zeros((pr.routing.n_experts, pr.n_nodes))
+def node_counts(pr: PlacementProblem, gpus: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """x[e, n]: replicas of expert e on node n."""
+    x = np.zeros((pr.routing.n_experts, pr.n_nodes))
     for g, experts in enumerate(gpus):
         for e in experts:
-            y[e, g // pr.gpus_per_node] += 1
-    return y / np.maximum(y.sum(axis=1, keepdims=True), 1)
+            x[e, g // pr.gpus_per_node] += 1
+    return x
+
+
+def node_shares(pr: PlacementProblem, gpus: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """y[e, n]: the share of expert e's replicas on node n."""
+    x = node_counts(pr, gpus)
+    return x / np.maximum(x.sum(axis=1, keepdims=True), 1)
 
 
 def layer_terms(pr: PlacementProblem, layer: int, gpus: tuple[tuple[int, ...], ...],
                 prev: tuple[tuple[int, ...], ...] | None) -> tuple[float, float, int]:
     """(busiest GPU's tokens, tokens changing node from the previous layer, moves)."""
     w = pr.routing.expert_tokens[layer]
-    counts = np.zeros(pr.routing.n_experts)
-    for experts in gpus:
-        for e in experts:
-            counts[e] += 1
-    per_replica = w / np.maximum(counts, 1)
+    per_replica = w / np.maximum(node_counts(pr, gpus).sum(axis=1), 1)
     busiest = max(sum(per_replica[e] for e in experts) for experts in gpus)
     cross = 0.0
     if prev is not None and pr.routing.pair_tokens is not None:
@@ -418,10 +420,7 @@ def _node_milp(pr: PlacementProblem, layer: int, r: np.ndarray,
                 stay.append(float(a[e0, e1]) * z)
         cost -= pr.nic_s_per_token / pr.n_gpus * pulp.lpSum(stay)
     if pr.current is not None and pr.migration_s_per_expert > 0:
-        have = np.zeros((n, nodes))
-        for g, experts in enumerate(pr.current.gpu_experts[layer]):
-            for e in experts:
-                have[e, g // gpn] += 1
+        have = node_counts(pr, pr.current.gpu_experts[layer])
         keep = {}
         for e in range(n):
             for k in range(nodes):
@@ -487,10 +486,7 @@ def _optimise_layer(pr: PlacementProblem, layer: int, start: tuple[tuple[int, ..
                     time_limit_s: float) -> tuple[tuple[int, ...], ...] | None:
     w, gpn = pr.routing.expert_tokens[layer], pr.gpus_per_node
     r = replica_counts(pr, w)
-    x0 = np.zeros((len(w), pr.n_nodes))
-    for g, experts in enumerate(start):
-        for e in experts:
-            x0[e, g // gpn] += 1
+    x0 = node_counts(pr, start)
     if not np.array_equal(x0.sum(axis=1).astype(int), r):
         return None  # the start has other replica counts (e.g. `current`): nothing to warm
     x = _node_milp(pr, layer, r, prev, x0, time_limit_s / 2)

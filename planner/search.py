@@ -150,15 +150,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload,
         r = assemble(costs)
         timed += 1
         plain_fits |= costs.plan.offload == "none"
-        key = _key(objective, cluster, r)
-        _keep(heap, ((-key[0], -key[1]), timed, r), keep)
+        _keep(heap, _ranked(objective, cluster, r, timed), keep)
     if progress:
         progress(enumerated % 256)
     if not plain_fits:  # the offloading LP for the tightest, then what the runtime can run
         for r in _offloaded(model, cluster, work, [p for _, _, p in to_offload], cache):
             timed += 1
-            _keep(heap, ((-_key(objective, cluster, r)[0], -_key(objective, cluster, r)[1]),
-                         timed, r), keep)
+            _keep(heap, _ranked(objective, cluster, r, timed), keep)
     if not heap:
         raise _nothing_fits(cluster, enumerated, tightest)
     results = [r for _, _, r in heap]
@@ -180,6 +178,12 @@ def _offloadable(plan: Plan) -> bool:
     (the runtime's per-layer host offload is FSDP2's), recompute and offload left to it."""
     return (plan.pp == 1 and plan.zero == 3 and plan.recompute == "none"
             and plan.offload == "none")
+
+
+def _ranked(objective: Objective, cluster: ClusterSpec, r: SimResult, order: int) -> tuple:
+    """A heap item: the negated key (the heap keeps the best), then arrival order."""
+    key = _key(objective, cluster, r)
+    return (-key[0], -key[1]), order, r
 
 
 def _keep(heap: list, item: tuple, size: int) -> None:

@@ -24,6 +24,7 @@ from meshplan.loaders import (
     load_profile,
     load_routing,
     model_names,
+    read_json,
     save_plan_file,
 )
 from meshplan.planner.explain import explain
@@ -146,6 +147,9 @@ def _add_profile(sub) -> None:
     pr.add_argument("--quick", action="store_true",
                     help="smaller GEMM and message grids, no per-mechanism layer timings "
                          "(about a third of the time; the mechanisms' overheads go unpriced)")
+    pr.add_argument("--kernel-table", metavar="KERNELS.json",
+                    help="merge benchmarks/bench_kernels.py's measured Triton kernels in as "
+                    "the elementwise ops")
 
 
 def _add_place(sub) -> None:
@@ -209,6 +213,9 @@ def _add_run(sub) -> None:
     rn.add_argument("--record-routing", metavar="TRACE.npz",
                     help="write the routers' top-k expert ids (MoE models, pp=1, no "
                     "recompute) for place-experts --trace")
+    rn.add_argument("--kernels", choices=["plan", "triton", "torch"], default="plan",
+                    help="our Triton kernels (triton) or eager ops (torch); default: the "
+                    "plan's kernels=fused runs Triton on CUDA, eager elsewhere")
     rn.add_argument("--kill-during-save", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -430,7 +437,7 @@ def _place(args: argparse.Namespace) -> int:
     compute_s, nic_s = token_costs_s(model, cluster)
     current = None
     if args.current:
-        maps = json.loads(Path(args.current).read_text())
+        maps = read_json(args.current, "current")
         require("physical_to_logical" in maps, "current", f"{args.current} has no "
                 "physical_to_logical map")
         current = Placement.from_maps(maps["physical_to_logical"], cluster.n_gpus)
@@ -489,7 +496,7 @@ def _profile(args: argparse.Namespace) -> int:
     _need_torch("profile")
     import torch
 
-    from meshplan.validate.profile import QUICK, ProfileOptions, measure
+    from meshplan.validate.profile import QUICK, ProfileOptions, measure, merge_kernel_table
 
     procs = _int_list(args.processes, "processes")
     require(all(p >= 2 for p in procs), "processes", f"need >= 2 processes, got {procs}")
@@ -498,10 +505,13 @@ def _profile(args: argparse.Namespace) -> int:
     require(not bad, "dtypes", f"{bad} not in fp32, bf16, fp16")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     require(device == "cpu" or torch.cuda.is_available(), "device", "no CUDA device here")
+    table = read_json(args.kernel_table, "kernel_table") if args.kernel_table else None
     start = time.perf_counter()
     quick = QUICK if args.quick else {}
     prof = measure(ProfileOptions(device=device, processes=procs, dtypes=dtypes, **quick),
                    say=lambda m: print(m, file=sys.stderr))
+    if table is not None:
+        prof = merge_kernel_table(prof, table)
     Path(args.out).write_text(json.dumps(prof, indent=1))
     for key, value in prof["peaks"].items():
         print(f"{key:32s} {value:.4g}")
@@ -552,6 +562,7 @@ def _run(args: argparse.Namespace) -> int:
     import tempfile
 
     from meshplan.runtime import launch
+    from meshplan.runtime.support import kernels_on
 
     _need_torch("run")
     for name in ("steps", "checkpoint_every"):
@@ -563,6 +574,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     launch.check_runnable(pf, torch.cuda.device_count())
+    kernels_on(pf.plan, "cpu" if pf.cluster.device.kind == "cpu" else "cuda", args.kernels)
     if args.record_routing:
         plan = pf.plan
         require(pf.model.moe is not None, "record_routing", f"{pf.model.name} has no router")
@@ -572,7 +584,8 @@ def _run(args: argparse.Namespace) -> int:
                 "MoE layer once")
     worker = ["--out", args.out, "--steps", str(args.steps),
               "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
-              "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every)]
+              "--lr", str(args.lr), "--checkpoint-every", str(args.checkpoint_every),
+              "--kernels", args.kernels]
     worker += ["--kill-during-save", str(args.kill_during_save)] if args.kill_during_save else []
     worker += ["--data", args.data] if args.data else []
     worker += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []

@@ -78,15 +78,19 @@ def save_plan_file(path: str, pf: PlanFile) -> None:
     Path(path).write_text(json.dumps(planfile.to_dict(pf), indent=1) + "\n")
 
 
+def read_json(path: str, field: str):
+    """A JSON file's content; an unreadable file is a SpecError naming `field`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SpecError(field, f"cannot read {path}: {err}") from None
+
+
 def load_profile(path: str | None) -> HardwareProfile | None:
     """A hardware profile written by `meshplan profile` (None passes through)."""
     if path is None:
         return None
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SpecError("profile", f"cannot read {path}: {err}") from None
-    return profile_from_dict(data)
+    return profile_from_dict(read_json(path, "profile"))
 
 
 def load_routing(path: str, n_experts: int) -> RoutingStats:

@@ -61,24 +61,26 @@ class ExpertDispatch:
         self.slot_of = slot_of  # logical expert -> physical slot
         self.local = row[ep_rank * self.per_rank:(ep_rank + 1) * self.per_rank]
 
-    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, experts: Experts
+    def keys(self, expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, int]:
+        """Routing keys are physical slots: sorting by them orders rows by destination EP
+        rank, then by local expert."""
+        return self.slot_of.to(expert_ids.device)[expert_ids], self.ep * self.per_rank
+
+    def __call__(self, rows: torch.Tensor, per_slot: torch.Tensor, experts: Experts
                  ) -> torch.Tensor:
-        slot = self.slot_of.to(expert_ids.device)[expert_ids]
-        order = torch.argsort(slot, stable=True)  # by destination rank, then local expert
-        per_slot = torch.bincount(slot, minlength=self.ep * self.per_rank)
+        """Expert outputs of `rows`, sorted by slot with `per_slot[j]` rows each."""
         recv_per_slot = torch.empty_like(per_slot)
         dist.all_to_all_single(recv_per_slot, per_slot, group=self.group)
         send = per_slot.view(self.ep, -1).sum(1).tolist()
         recv_grid = recv_per_slot.view(self.ep, -1)  # [source rank, local expert]
         recv = recv_grid.sum(1).tolist()
-        arrived = all_to_all(x[order], send, recv, self.group)
+        arrived = all_to_all(rows, send, recv, self.group)
         # Regroup the arrivals (source-major) by local expert.
         local_ids = torch.repeat_interleave(
-            torch.arange(self.per_rank, device=x.device).repeat(self.ep), recv_grid.flatten())
+            torch.arange(self.per_rank, device=rows.device).repeat(self.ep), recv_grid.flatten())
         by_expert = torch.argsort(local_ids, stable=True)
         out = experts(arrived[by_expert], recv_grid.sum(0).tolist())
-        back = all_to_all(unsort(out, by_expert), recv, send, self.group)
-        return unsort(back, order)
+        return all_to_all(unsort(out, by_expert), recv, send, self.group)
 
 
 def shard_experts(experts: Experts, local: list[int]) -> None:

@@ -8,6 +8,11 @@ their global index, so a pipeline stage is this model with the other layers dele
 (torchtitan's convention). Two seams are left for `parallelize`: `Attention.core` (the
 attention kernel: context parallelism swaps in ring attention) and `MoE.dispatch` (expert
 parallelism swaps in all-to-all dispatch and combine).
+
+Built with `fused=True`, the norms, the SwiGLU activations, the MoE permutation and the
+experts' GEMMs run our Triton kernels (`meshplan.kernels`) wherever their tensors allow
+(plain CUDA tensors, or CPU ones under Triton's interpreter); the eager ops run otherwise,
+so a model built without it computes exactly what it always did.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshplan.core.model import ModelSpec
+from meshplan.kernels.grouped_gemm import grouped_mm
+from meshplan.kernels.launch import can_run
+from meshplan.kernels.permute import permute, permute_reference, routing_order, unpermute
+from meshplan.kernels.rmsnorm import rmsnorm
+from meshplan.kernels.swiglu import swiglu
 
 from .support import refuse_unsupported_model
 
@@ -44,6 +54,25 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention of q [b, heads, s, hd] over k, v [b, kv_heads, s, hd]."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+class Norm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters, same checkpoints); the fused kernel when asked."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
+        super().__init__(dim, eps=eps)
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and can_run(x, self.weight):
+            return rmsnorm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def _lowp(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul of x: kernels called directly bypass it."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class Attention(nn.Module):
@@ -75,30 +104,39 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, ffn: int, kind: str, bias: bool):
+    def __init__(self, hidden: int, ffn: int, kind: str, bias: bool, fused: bool = False):
         super().__init__()
-        self.kind = kind
+        self.kind, self.fused = kind, fused
         self.w1 = nn.Linear(hidden, ffn, bias=bias)
         self.w2 = nn.Linear(ffn, hidden, bias=bias)
         self.w3 = nn.Linear(hidden, ffn, bias=bias) if kind == "swiglu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is not None:  # SwiGLU (Shazeer 2020, eq. 6)
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            gate, up = self.w1(x), self.w3(x)
+            if self.fused and can_run(gate, up):
+                return self.w2(swiglu(gate, up))
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
 class Experts(nn.Module):
     """`n` SwiGLU experts as stacked weights [n, ffn, h] (w2: [n, h, ffn])."""
 
-    def __init__(self, n: int, hidden: int, ffn: int):
+    def __init__(self, n: int, hidden: int, ffn: int, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.w1 = nn.Parameter(torch.empty(n, ffn, hidden))
         self.w3 = nn.Parameter(torch.empty(n, ffn, hidden))
         self.w2 = nn.Parameter(torch.empty(n, hidden, ffn))
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [tokens, h] sorted by local expert, `counts[e]` tokens for local expert e."""
+        if self.fused and can_run(x, self.w1, self.w2, self.w3):
+            dt = _lowp(x)
+            xs, w1, w2, w3 = (t.to(dt) for t in (x, self.w1, self.w2, self.w3))
+            hidden = swiglu(grouped_mm(xs, w1, counts), grouped_mm(xs, w3, counts))
+            return grouped_mm(hidden, w2, counts)
         outs = []
         for e, part in enumerate(x.split(counts)):
             hidden = F.silu(part @ self.w1[e].t()) * (part @ self.w3[e].t())
@@ -106,15 +144,16 @@ class Experts(nn.Module):
         return torch.cat(outs) if outs else x[:0]
 
 
-def local_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Run each (token, choice) row of x through its expert; all experts are local.
+class LocalDispatch:
+    """`MoE.dispatch` when every expert is local: routing keys are expert ids."""
 
-    x [n, h] holds one row per (token, choice), `expert_ids` [n] the expert of each (the
-    row of `experts`). Returns the expert outputs in the same row order.
-    """
-    order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=experts.w1.shape[0]).tolist()
-    return unsort(experts(x[order], counts), order)
+    def keys(self, expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, int]:
+        return expert_ids, n_experts
+
+    def __call__(self, rows: torch.Tensor, counts: torch.Tensor, experts: Experts
+                 ) -> torch.Tensor:
+        """Expert outputs of `rows` [n, h], sorted by expert with `counts[e]` rows each."""
+        return experts(rows, counts.tolist())
 
 
 def unsort(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -125,18 +164,18 @@ def unsort(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 class MoE(nn.Module):
     """Top-k softmax router over `n_experts` experts plus optional shared experts (dropless)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, fused: bool = False):
         super().__init__()
         moe = spec.moe
         assert moe is not None
         h = spec.hidden_size
-        self.top_k = moe.top_k
+        self.top_k, self.fused = moe.top_k, fused
         self.n_experts = moe.n_experts
         self.router = nn.Linear(h, moe.n_experts, bias=False)
-        self.experts = Experts(moe.n_experts, h, moe.expert_ffn_hidden_size)
-        self.shared = (MLP(h, moe.n_shared_experts * moe.shared_ffn, "swiglu", False)
+        self.experts = Experts(moe.n_experts, h, moe.expert_ffn_hidden_size, fused)
+        self.shared = (MLP(h, moe.n_shared_experts * moe.shared_ffn, "swiglu", False, fused)
                        if moe.n_shared_experts else None)
-        self.dispatch = local_dispatch  # replaced by all-to-all under expert parallelism
+        self.dispatch = LocalDispatch()  # replaced by all-to-all under expert parallelism
         self.last_expert_ids: torch.Tensor | None = None  # routing record of the last call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,24 +185,31 @@ class MoE(nn.Module):
         weights, ids = probs.topk(self.top_k, dim=-1)  # [n, k]
         weights = (weights / weights.sum(dim=-1, keepdim=True)).type_as(x)
         self.last_expert_ids = ids.detach()
-        rows = flat.repeat_interleave(self.top_k, dim=0)  # [n*k, h], token-major
-        out = self.dispatch(rows, ids.reshape(-1), self.experts)
-        out = (out.view(-1, self.top_k, h) * weights[..., None]).sum(dim=1)
+        keys, n_keys = self.dispatch.keys(ids, self.n_experts)
+        dest, counts = routing_order(keys, n_keys)  # choice j of token t goes to row dest[t*k+j]
+        fused = self.fused and can_run(flat, dest)
+        rows = (permute if fused else permute_reference)(flat, dest, self.top_k)
+        out = self.dispatch(rows, counts, self.experts)
+        if fused and can_run(out, weights):
+            out = unpermute(out, dest, weights)
+        else:  # the eager combine: back to token order, weighted sum over the k choices
+            out = (out[dest].view(-1, self.top_k, h) * weights[..., None]).sum(dim=1)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(b, s, h)
 
 
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int):
+    def __init__(self, spec: ModelSpec, layer: int, fused: bool = False):
         super().__init__()
-        self.attention_norm = nn.RMSNorm(spec.hidden_size, eps=1e-5)
+        self.attention_norm = Norm(spec.hidden_size, 1e-5, fused)
         self.attention = Attention(spec)
-        self.ffn_norm = nn.RMSNorm(spec.hidden_size, eps=1e-5)
+        self.ffn_norm = Norm(spec.hidden_size, 1e-5, fused)
         if spec.is_moe_layer(layer):
-            self.feed_forward: nn.Module = MoE(spec)
+            self.feed_forward: nn.Module = MoE(spec, fused)
         else:
-            self.feed_forward = MLP(spec.hidden_size, spec.ffn_hidden_size, spec.mlp, spec.bias)
+            self.feed_forward = MLP(spec.hidden_size, spec.ffn_hidden_size, spec.mlp, spec.bias,
+                                    fused)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor
                 ) -> torch.Tensor:
@@ -174,14 +220,15 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """tokens [b, s] -> logits [b, s, vocab] (or hidden states on a non-last stage)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, fused: bool = False):
         super().__init__()
         refuse_unsupported_model(spec)
         self.spec = spec
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(spec.vocab_size,
                                                                 spec.hidden_size)
-        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in range(spec.n_layers)})
-        self.norm: nn.Module | None = nn.RMSNorm(spec.hidden_size, eps=1e-5)
+        self.layers = nn.ModuleDict({str(i): Block(spec, i, fused)
+                                     for i in range(spec.n_layers)})
+        self.norm: nn.Module | None = Norm(spec.hidden_size, 1e-5, fused)
         self.output: nn.Linear | None = nn.Linear(spec.hidden_size, spec.vocab_size,
                                                   bias=False)
         if spec.tied_embeddings:

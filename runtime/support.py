@@ -6,6 +6,9 @@ says whether *this runtime* builds it. Each refusal names the field and the numb
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan
@@ -62,7 +65,31 @@ def refuse_unsupported_plan(spec: ModelSpec, plan: Plan, cuda: bool) -> None:
                         "(FSDP2's CPU offload policy)")
 
 
-def execution_notes(spec: ModelSpec, plan: Plan, device: str) -> list[str]:
+KERNEL_CHOICES = ("plan", "triton", "torch")
+
+
+def kernels_on(plan: Plan, device: str, choice: str = "plan") -> bool:
+    """Whether the model is built with our Triton kernels (`meshplan.kernels`). "triton"
+    and "torch" decide; "plan" follows the plan: kernels=fused uses them on CUDA when
+    Triton is installed, and the eager ops elsewhere."""
+    if choice not in KERNEL_CHOICES:
+        raise SpecError("kernels", f"unknown choice {choice!r} (one of {KERNEL_CHOICES})")
+    have = importlib.util.find_spec("triton") is not None
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if not have:
+            raise SpecError("kernels", "Triton kernels asked for, but triton is not installed")
+        if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SpecError("kernels", f"Triton kernels run on CUDA devices and this plan "
+                            f"runs on {device}; set TRITON_INTERPRET=1 to interpret them "
+                            "on the CPU (slow: for tests)")
+        return True
+    return plan.kernels == "fused" and have and device == "cuda"
+
+
+def execution_notes(spec: ModelSpec, plan: Plan, device: str, triton: bool = False
+                    ) -> list[str]:
     """Where the runtime executes the plan differently from what the plan says (recorded in
     the measured JSON, so that a comparison with the simulator knows)."""
     notes = []
@@ -76,8 +103,13 @@ def execution_notes(spec: ModelSpec, plan: Plan, device: str) -> list[str]:
                      "sequence of the TP group")
     if plan.tp_overlap and plan.tp > 1:
         notes.append("tp_overlap is not applied: TP collectives are exposed")
-    if plan.kernels == "fused":
-        notes.append("kernels=fused: eager torch ops (no fused kernels yet)")
+    if triton:
+        which = "RMSNorm, SwiGLU, cross-entropy" + (
+            ", MoE permute/unpermute, grouped expert GEMMs" if spec.moe else "")
+        notes.append(f"Triton kernels: {which}; tensors they cannot address (DTensors "
+                     "under tp/sp) take the eager ops")
+    elif plan.kernels == "fused":
+        notes.append("kernels=fused: ran eager torch ops (our Triton kernels run on CUDA)")
     if plan.cp > 1 and plan.attn == "unfused":
         notes.append("attn=unfused: ring attention runs fused flash kernels per block")
     elif plan.attn == "unfused":

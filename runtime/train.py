@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from meshplan.core.errors import SpecError
 from meshplan.core.planfile import PlanFile, from_dict
 from meshplan.core.schedule import build_schedule
+from meshplan.kernels.cross_entropy import cross_entropy
+from meshplan.kernels.launch import can_run
 
 from . import checkpoint as ckpt
 from .data import SyntheticData, TokenFile, rank_micro_batches
@@ -34,7 +36,7 @@ from .model import Transformer, init_weights
 from .parallelize import expert_params, parallelize, split_stages, stage_ids
 from .pipeline import PipelineRank
 from .routing import RoutingRecorder
-from .support import execution_notes
+from .support import execution_notes, kernels_on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +53,7 @@ class RunOptions:
     device: str = "cpu"  # "cuda": one GPU per process, NCCL
     measure_memory: bool = True  # CPU: one extra, profiled step measures live tensors
     record_routing: str | None = None  # rank 0 writes its routers' top-k ids here (.npz)
+    kernels: str = "plan"  # "plan" | "triton" | "torch" (`support.kernels_on`)
 
     def saves_after(self, step: int) -> bool:
         every = self.checkpoint_every
@@ -75,8 +78,18 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def build(pf: PlanFile, mesh: Mesh, seed: int, device: torch.device) -> dict[int, Transformer]:
-    full = Transformer(pf.model)
+def fused_loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The Triton cross-entropy: no fp32 copy of the logits; the gradient overwrites them
+    (the output layer's backward needs its input and weight, not its output)."""
+    flat, lab = logits.flatten(0, 1), labels.flatten()
+    if not can_run(flat, lab):
+        return loss_fn(logits, labels)
+    return cross_entropy(flat, lab, inplace_backward=True)
+
+
+def build(pf: PlanFile, mesh: Mesh, seed: int, device: torch.device, fused: bool = False
+          ) -> dict[int, Transformer]:
+    full = Transformer(pf.model, fused=fused)
     init_weights(full, seed)
     full.to(device)
     plan = mesh.plan
@@ -99,7 +112,7 @@ def grad_reducer(chunks, mesh: Mesh) -> GradReducer:
 
 
 def pipeline_rank(pf: PlanFile, mesh: Mesh, chunks: dict[int, Transformer],
-                  device: torch.device) -> PipelineRank:
+                  device: torch.device, fused: bool = False) -> PipelineRank:
     """This rank's executor of the plan's schedule over its model chunks."""
     plan = mesh.plan
     m = plan.micro_batches(pf.work.global_batch)
@@ -107,7 +120,7 @@ def pipeline_rank(pf: PlanFile, mesh: Mesh, chunks: dict[int, Transformer],
         chunks=chunks, schedule=build_schedule(plan.schedule, plan.pp, m, plan.vpp),
         pp_rank=mesh.coord("pp"), peer=mesh.pp_peer,
         act_shape=_act_shape(pf, plan), act_dtype=torch.float32, device=device,
-        loss_fn=loss_fn, grads=grad_reducer(chunks, mesh))
+        loss_fn=fused_loss_fn if fused else loss_fn, grads=grad_reducer(chunks, mesh))
 
 
 def run(pf: PlanFile, opts: RunOptions) -> dict | None:
@@ -116,12 +129,13 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     meter = MemoryMeter(device)
     plan = pf.plan.resolve(dist.get_world_size())
     mesh = build_mesh(plan, device.type)
-    chunks = build(pf, mesh, opts.seed, device)
+    fused = kernels_on(plan, device.type, opts.kernels)
+    chunks = build(pf, mesh, opts.seed, device, fused)
     params = [p for c in chunks.values() for p in c.parameters()]
     work = pf.work
     optim = make_optimizer(work.optimizer, params, opts.lr)
     m = plan.micro_batches(work.global_batch)
-    rank = pipeline_rank(pf, mesh, chunks, device)
+    rank = pipeline_rank(pf, mesh, chunks, device, fused)
     recorder = RoutingRecorder(chunks) if opts.record_routing else None
     data = _data(pf, opts)
     start = 0
@@ -158,12 +172,12 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     if recorder is not None and opts.record_routing:
         recorder.save(opts.record_routing)
     return _record(pf, plan, opts, device, start=start, times=times, losses=losses,
-                   peaks=peaks, memory_method=meter.method)
+                   peaks=peaks, memory_method=meter.method, fused=fused)
 
 
 def _record(pf: PlanFile, plan, opts: RunOptions, device: torch.device, *, start: int,
             times: list[float], losses: list[float], peaks: list[int],
-            memory_method: str) -> dict:
+            memory_method: str, fused: bool) -> dict:
     """The measured JSON of a run (rank 0)."""
     work = pf.work
     timed = times[opts.warmup_steps:] or times
@@ -182,7 +196,8 @@ def _record(pf: PlanFile, plan, opts: RunOptions, device: torch.device, *, start
         "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks,
         "memory_method": memory_method,
         "runtime_reserved_bytes": pf.cluster.device.runtime_reserved_bytes,
-        "notes": execution_notes(pf.model, plan, device.type),
+        "kernels": "triton" if fused else "torch",
+        "notes": execution_notes(pf.model, plan, device.type, fused),
         "predicted": pf.predicted,
     }
 
@@ -240,12 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--record-routing")
+    p.add_argument("--kernels", default="plan")
     a = p.parse_args(argv)
     opts = RunOptions(steps=a.steps, warmup_steps=a.warmup_steps, seed=a.seed, lr=a.lr,
                       data=a.data, checkpoint_dir=a.checkpoint_dir,
                       checkpoint_every=a.checkpoint_every, resume=a.resume,
                       kill_during_save=a.kill_during_save, device=a.device,
-                      record_routing=a.record_routing)
+                      record_routing=a.record_routing, kernels=a.kernels)
     torch.set_num_threads(1)
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.optimize import nnls
 
+from meshplan.core.errors import require
 from meshplan.costmodels import collectives as coll
 from meshplan.costmodels.calibrated import HardwareProfile, profile_to_dict
 
@@ -97,6 +98,31 @@ def measure(opts: ProfileOptions, say=print) -> dict:
         say("per-layer cost of each parallel mechanism with 2 processes ...")
         prof = mechanism_overheads(prof, _torchrun(2, "mechbench", []))
     return {**profile_to_dict(prof), "peaks": peaks(prof)}
+
+
+KERNEL_TABLE = "meshplan-kernel-table"  # benchmarks/bench_kernels.py
+
+
+def merge_kernel_table(profile: dict, table: dict) -> dict:
+    """The profile with the kernel benchmark's rows as its elementwise ops: the calibrated
+    model then prices the norms, SwiGLU and the loss at our Triton kernels' measured times
+    (what the runtime runs on CUDA with kernels=fused)."""
+    found = table.get("format") if isinstance(table, dict) else type(table).__name__
+    require(found == KERNEL_TABLE, "kernel_table",
+            f"not a kernel table from benchmarks/bench_kernels.py (format {found!r})")
+    section = table.get("elementwise")
+    require(isinstance(section, dict) and section, "kernel_table.elementwise",
+            "holds no rows (was the benchmark run with --kernels that include rmsnorm, "
+            "swiglu or cross_entropy?)")
+    for dtype, ops in section.items():
+        for op, rows in ops.items():
+            require(all(len(r) == 3 and r[0] > 0 and min(r[1:]) >= 0 for r in rows),
+                    f"kernel_table.elementwise.{dtype}.{op}",
+                    "rows must be [nominal bytes > 0, forward s >= 0, backward s >= 0]")
+    merged = {d: dict(ops) for d, ops in profile.get("elementwise", {}).items()}
+    for dtype, ops in section.items():
+        merged.setdefault(dtype, {}).update(ops)
+    return {**profile, "elementwise": merged}
 
 
 def mechanism_overheads(prof: HardwareProfile, record: dict) -> HardwareProfile:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .launch import can_run, jit, next_pow2, require, tl
+from .launch import can_run, jit, next_pow2, require, row_warps, tl
 
 IGNORE_INDEX = -100  # torch's default
 BLOCK_V = 4096  # vocabulary elements per step of a row's loop
@@ -81,7 +81,7 @@ def _row_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
     _ce_fwd[(rows,)](logits, labels, loss, lse, logits.stride(0), vocab, ignore_index,
-                     BLOCK=_block(vocab))
+                     BLOCK=_block(vocab), num_warps=row_warps(_block(vocab)))
     return loss, lse
 
 
@@ -89,7 +89,7 @@ def _row_grads(logits: torch.Tensor, out: torch.Tensor, labels: torch.Tensor,
                lse: torch.Tensor, scale: torch.Tensor, ignore_index: int) -> torch.Tensor:
     rows, vocab = logits.shape
     _ce_bwd[(rows,)](logits, out, labels, lse, scale, logits.stride(0), vocab, ignore_index,
-                     BLOCK=_block(vocab))
+                     BLOCK=_block(vocab), num_warps=row_warps(_block(vocab)))
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import DOT_F32, INTERPRET, can_run, jit, require, tl, triton
+from .launch import DOT_F32, INTERPRET, can_run, dot_precision, jit, require, tl, triton
 
 BLOCK_M = 32 if INTERPRET else 128  # rows per tile (the host's tile table uses it)
 
@@ -28,8 +28,8 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, counts: list[int]) ->
 
 @jit
 def _gmm(x_ptr, b_ptr, out_ptr, tile_group_ptr, tile_row_ptr, group_end_ptr, n, k,
-         stride_bg, stride_bk, stride_bn,
-         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_F32: tl.constexpr):
+         stride_bg, stride_bk, stride_bn, BM: tl.constexpr, BN: tl.constexpr,
+         BK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """out[rows of g] = x[rows of g] @ B[g], B[g] a [k, n] view of the weights."""
     tile, pn = tl.program_id(0), tl.program_id(1)
     g = tl.load(tile_group_ptr + tile).to(tl.int64)
@@ -48,15 +48,15 @@ def _gmm(x_ptr, b_ptr, out_ptr, tile_group_ptr, tile_row_ptr, group_end_ptr, n, 
         if DOT_F32:
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
         else:
-            acc += tl.dot(a, b)
+            acc += tl.dot(a, b, input_precision=PRECISION)
     tl.store(out_ptr + rm[:, None] * n + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < end) & (rn[None, :] < n))
 
 
 @jit
 def _gmm_wgrad(dy_ptr, x_ptr, dw_ptr, group_start_ptr, group_end_ptr, n, k,
-               stride_wg, stride_wn, stride_wk,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_F32: tl.constexpr):
+               stride_wg, stride_wn, stride_wk, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """dw[g] = dy[rows of g]^T @ x[rows of g], dw [groups, n, k] by the given strides."""
     g, pn, pk = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     start = tl.load(group_start_ptr + g).to(tl.int64)
@@ -74,7 +74,7 @@ def _gmm_wgrad(dy_ptr, x_ptr, dw_ptr, group_start_ptr, group_end_ptr, n, k,
         if DOT_F32:
             acc += tl.dot(dy.to(tl.float32), xb.to(tl.float32))
         else:
-            acc += tl.dot(dy, xb)
+            acc += tl.dot(dy, xb, input_precision=PRECISION)
     tl.store(dw_ptr + g * stride_wg + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
              acc.to(dw_ptr.dtype.element_ty), mask=(rn[:, None] < n) & (rk[None, :] < k))
 
@@ -109,6 +109,7 @@ def _mm(x: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
     grid = (len(tile_group), triton.cdiv(n, bn))
     _gmm[grid](x, b, out, tile_group, tile_row, ends, n, k, b.stride(0), b.stride(1),
                b.stride(2), BM=BLOCK_M, BN=bn, BK=bk, DOT_F32=DOT_F32,
+               PRECISION=dot_precision(x.dtype),
                num_warps=4 if INTERPRET else 8, num_stages=1 if INTERPRET else 3)
     return out
 
@@ -123,7 +124,8 @@ def _wgrad(dy: torch.Tensor, x: torch.Tensor, counts: list[int], like: torch.Ten
     grid = (groups, triton.cdiv(n, bn), triton.cdiv(k, bk))
     _gmm_wgrad[grid](dy, x, dw, starts, ends.to(torch.int32), n, k, dw.stride(0),
                      dw.stride(1), dw.stride(2), BM=32 if INTERPRET else 64, BN=bn, BK=bk,
-                     DOT_F32=DOT_F32, num_warps=4 if INTERPRET else 8,
+                     DOT_F32=DOT_F32, PRECISION=dot_precision(x.dtype),
+                     num_warps=4 if INTERPRET else 8,
                      num_stages=1 if INTERPRET else 3)
     return dw
 

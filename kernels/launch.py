@@ -57,6 +57,17 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def row_warps(block: int) -> int:
+    """Warps for a program that holds a row of `block` elements in registers (Liger-Kernel's
+    `calculate_settings`: wider rows spread over more warps instead of spilling)."""
+    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s precision for fp32 operands: TF32 only where torch's own matmuls use it."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def row_programs(rows: int) -> int:
     """Programs for a row-parallel reduction: a few per SM on a GPU, few when interpreted
     (each interpreted program costs a Python loop)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import can_run, jit, next_pow2, require, row_programs, tl
+from .launch import can_run, jit, next_pow2, require, row_programs, row_warps, tl
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,14 +22,14 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 @jit
-def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps,
-                 ROWS_PER_PROG: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps, rows_per_prog,
+                 BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    for i in range(ROWS_PER_PROG):
-        row = pid * ROWS_PER_PROG + i
+    for i in range(rows_per_prog):
+        row = pid * rows_per_prog + i
         if row < rows:
             x = tl.load(x_ptr + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / cols + eps)
@@ -39,15 +39,15 @@ def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps,
 
 
 @jit
-def _rmsnorm_bwd(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, rows, cols,
-                 ROWS_PER_PROG: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_bwd(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, rows, cols, rows_per_prog,
+                 BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(ROWS_PER_PROG):
-        row = pid * ROWS_PER_PROG + i
+    for i in range(rows_per_prog):
+        row = pid * rows_per_prog + i
         if row < rows:
             x = tl.load(x_ptr + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
@@ -70,8 +70,9 @@ class _RMSNorm(torch.autograd.Function):
         per = -(-rows // progs)
         y = torch.empty_like(x2)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        _rmsnorm_fwd[(progs,)](x2, weight.contiguous(), y, rstd, rows, cols, eps,
-                               ROWS_PER_PROG=per, BLOCK=next_pow2(cols))
+        block = next_pow2(cols)
+        _rmsnorm_fwd[(progs,)](x2, weight.contiguous(), y, rstd, rows, cols, eps, per,
+                               BLOCK=block, num_warps=row_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(shape)
 
@@ -83,9 +84,10 @@ class _RMSNorm(torch.autograd.Function):
         per = -(-rows // progs)
         dx = torch.empty_like(x2)
         dw = torch.empty(progs, cols, dtype=torch.float32, device=x2.device)
+        block = next_pow2(cols)
         _rmsnorm_bwd[(progs,)](x2, weight.contiguous(), dy.reshape(-1, cols).contiguous(),
-                               rstd, dx, dw, rows, cols, ROWS_PER_PROG=per,
-                               BLOCK=next_pow2(cols))
+                               rstd, dx, dw, rows, cols, per, BLOCK=block,
+                               num_warps=row_warps(block))
         return dx.view(dy.shape), dw.sum(0).to(weight.dtype), None
 
 

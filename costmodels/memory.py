@@ -132,10 +132,14 @@ def _moe_activations(model: ModelSpec, s: Shard) -> float:
 
 
 def head_activation_bytes(model: ModelSpec, s: Shard, eager: bool = False) -> float:
-    """Last stage: final-norm input and fp32 logits for the loss, 4sbv/t (Korthikanti §4.3);
-    an eager RMSNorm also keeps its normalised input and its output (the LM head's input)."""
+    """Last stage: the final norm's input and the logits the loss keeps. Eager: fp32 logits,
+    4sbv/t (Korthikanti §4.3), and an eager RMSNorm also keeps its normalised input and
+    its output (the LM head's input). Fused: a fused cross-entropy
+    (`meshplan.kernels.cross_entropy`, as Liger-Kernel's) keeps the 16-bit logits and one
+    fp32 log-sum-exp per token, and writes the gradient over the logits."""
     norm = (3 if eager else 1) * s.act_bytes * s.sp_tokens * model.hidden_size
-    return norm + 4 * s.tokens * model.vocab_size / s.tp
+    logit_bytes = 4 if eager else s.act_bytes
+    return norm + logit_bytes * s.tokens * model.vocab_size / s.tp + (0 if eager else 4 * s.tokens)
 
 
 def inflight_microbatches(schedule: str, pp: int, vpp: int, rank: int, m: int) -> float:

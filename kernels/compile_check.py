@@ -28,6 +28,12 @@ def _sig(**kinds: str) -> dict[str, str]:
     return kinds
 
 
+def _gmm_sig(ptr: str) -> dict[str, str]:
+    return _sig(x_ptr=ptr, b_ptr=ptr, out_ptr=ptr, tile_group_ptr="*i32", tile_row_ptr="*i32",
+                group_end_ptr="*i32", n="i32", k="i32", stride_bg="i32", stride_bk="i32",
+                stride_bn="i32")
+
+
 # (name, kernel, signature, constexprs, launch options): the launches the wrappers make
 CASES = [
     ("rmsnorm_fwd", rn._rmsnorm_fwd,
@@ -56,16 +62,10 @@ CASES = [
     ("unpermute_bwd", pm._unpermute_bwd,
      _sig(rows_ptr=P16, dest_ptr=I64, w_ptr=P32, g_ptr=P32, grows_ptr=P16, gw_ptr=P32,
           hidden="i32"), {"K": 8, "BLOCK": pm.BLOCK_H}, {}),
-    ("grouped_mm", gg._gmm,
-     _sig(x_ptr=P16, b_ptr=P16, out_ptr=P16, tile_group_ptr="*i32", tile_row_ptr="*i32",
-          group_end_ptr="*i32", n="i32", k="i32", stride_bg="i32", stride_bk="i32",
-          stride_bn="i32"),
+    ("grouped_mm", gg._gmm, _gmm_sig(P16),
      {"BM": 128, "BN": 128, "BK": 64, "DOT_F32": False, "PRECISION": "tf32"},
      {"num_warps": 8, "num_stages": 3}),
-    ("grouped_mm_fp32", gg._gmm,
-     _sig(x_ptr=P32, b_ptr=P32, out_ptr=P32, tile_group_ptr="*i32", tile_row_ptr="*i32",
-          group_end_ptr="*i32", n="i32", k="i32", stride_bg="i32", stride_bk="i32",
-          stride_bn="i32"),
+    ("grouped_mm_fp32", gg._gmm, _gmm_sig(P32),
      {"BM": 128, "BN": 64, "BK": 64, "DOT_F32": False, "PRECISION": "ieee"},
      {"num_warps": 8, "num_stages": 3}),
     ("grouped_mm_wgrad", gg._gmm_wgrad,

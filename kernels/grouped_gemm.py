@@ -93,8 +93,8 @@ def _tiles(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def _blocks(n: int, k: int) -> tuple[int, int]:
-    if INTERPRET:
-        return 32, 32
+    if INTERPRET:  # few programs: each interpreted program is a Python loop
+        return 64, 64
     return (128 if n >= 128 else 64), 64
 
 

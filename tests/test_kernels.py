@@ -203,8 +203,8 @@ def test_model_with_kernels_trains_like_the_eager_model(name):
     from meshplan.runtime.train import fused_loss_fn, loss_fn
 
     spec = load_model(name)
-    tokens = torch.randint(0, spec.vocab_size, (2, 17), device=DEVICE)
-    positions = torch.arange(16, device=DEVICE)
+    tokens = torch.randint(0, spec.vocab_size, (1, 9), device=DEVICE)  # few: interpreted
+    positions = torch.arange(8, device=DEVICE)
     grads = []
     for fused in (False, True):
         model = Transformer(spec, fused=fused)

@@ -257,8 +257,9 @@ def test_kernel_benchmark_table_prices_the_calibrated_model(tmp_path):
     costs = CalibratedCosts(load_cluster("cpu", gpus=1), merged)
     nbytes, fwd_s, bwd_s = table["elementwise"]["bf16"]["attn_norm"][0]
     assert costs.mem_op_s("bf16", "attn_norm", nbytes, eager=False) == pytest.approx(fwd_s)
+    # (forward+backward less forward: 0 when the interpreter's noise makes it negative)
     assert costs.mem_op_s("bf16", "attn_norm_bwd", 2 * nbytes, eager=False) == \
-        pytest.approx(max(bwd_s, 1e-9))
+        pytest.approx(bwd_s, abs=1e-9)
     assert merged.elementwise["bf16"]["rope"] == [[10, 1.0, 2.0]]  # other ops kept
     with pytest.raises(Exception, match="kernel_table"):
         merge_kernel_table(base, {"format": "something else"})

@@ -5,10 +5,12 @@ For each kernel and shape it times forward and forward+backward (median of repea
 warm-up, CUDA-synchronised), and prints achieved bytes/s (memory-bound kernels, by the
 cost model's nominal bytes for the op) or FLOP/s (grouped GEMM, beside a dense cuBLAS
 GEMM of the same FLOPs), the speed-up over eager, and for the cross-entropy the peak
-memory above the inputs. The JSON table holds every row, plus an `elementwise` section in
-the hardware profile's layout (dtype -> cost-model op name -> [nominal bytes, forward s,
-backward s]) that `meshplan profile --kernel-table kernels.json` merges, so that the
-calibrated cost model prices those ops at the measured kernels.
+memory above the inputs. The backward time is forward+backward less forward, recorded as
+0 where timing noise makes that difference negative (tiny shapes). The JSON table holds
+every row, plus an `elementwise` section in the hardware profile's layout (dtype ->
+cost-model op name -> [nominal bytes, forward s, backward s]) that `meshplan profile
+--kernel-table kernels.json` merges, so that the calibrated cost model prices those ops
+at the measured kernels.
 
 `--quick` runs tiny shapes; with TRITON_INTERPRET=1 on a CPU it checks the script runs
 (the interpreter's times mean nothing).

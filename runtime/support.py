@@ -109,7 +109,8 @@ def execution_notes(spec: ModelSpec, plan: Plan, device: str, triton: bool = Fal
         notes.append(f"Triton kernels: {which}; tensors they cannot address (DTensors "
                      "under tp/sp) take the eager ops")
     elif plan.kernels == "fused":
-        notes.append("kernels=fused: ran eager torch ops (our Triton kernels run on CUDA)")
+        notes.append("kernels=fused: ran eager torch ops (our Triton kernels need CUDA and "
+                     "triton installed)")
     if plan.cp > 1 and plan.attn == "unfused":
         notes.append("attn=unfused: ring attention runs fused flash kernels per block")
     elif plan.attn == "unfused":

@@ -574,7 +574,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     launch.check_runnable(pf, torch.cuda.device_count())
-    kernels_on(pf.plan, "cpu" if pf.cluster.device.kind == "cpu" else "cuda", args.kernels)
+    kernels_on(pf.plan, launch.device_of(pf), args.kernels)  # refuses an impossible --kernels
     if args.record_routing:
         plan = pf.plan
         require(pf.model.moe is not None, "record_routing", f"{pf.model.name} has no router")

@@ -79,12 +79,16 @@ def _check_devices(pf: PlanFile, cuda_devices: int) -> None:
                         f"has {cuda_devices} CUDA devices")
 
 
+def device_of(pf: PlanFile) -> str:
+    """The torch device type the plan file's ranks run on."""
+    return "cpu" if pf.cluster.device.kind == "cpu" else "cuda"
+
+
 def plan_launch(pf: PlanFile, worker_args: list[str]) -> Launch:
     per_node = pf.cluster.node.gpus_per_node
     world = pf.cluster.n_gpus
-    device = "cpu" if pf.cluster.device.kind == "cpu" else "cuda"
     return Launch(nnodes=pf.cluster.n_nodes, nproc_per_node=min(world, per_node),
-                  worker_args=(*worker_args, "--device", device))
+                  worker_args=(*worker_args, "--device", device_of(pf)))
 
 
 def worker_env() -> dict[str, str]:

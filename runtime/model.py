@@ -24,9 +24,15 @@ from torch import nn
 from meshplan.core.model import ModelSpec
 from meshplan.kernels.grouped_gemm import grouped_mm
 from meshplan.kernels.launch import can_run
-from meshplan.kernels.permute import permute, permute_reference, routing_order, unpermute
+from meshplan.kernels.permute import (
+    permute,
+    permute_reference,
+    routing_order,
+    unpermute,
+    unpermute_reference,
+)
 from meshplan.kernels.rmsnorm import rmsnorm
-from meshplan.kernels.swiglu import swiglu
+from meshplan.kernels.swiglu import swiglu, swiglu_reference
 
 from .support import refuse_unsupported_model
 
@@ -113,10 +119,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is not None:  # SwiGLU (Shazeer 2020, eq. 6)
-            gate, up = self.w1(x), self.w3(x)
-            if self.fused and can_run(gate, up):
-                return self.w2(swiglu(gate, up))
-            return self.w2(F.silu(gate) * up)
+            act = swiglu if self.fused else swiglu_reference  # the kernel, where it can run
+            return self.w2(act(self.w1(x), self.w3(x)))
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
@@ -187,13 +191,10 @@ class MoE(nn.Module):
         self.last_expert_ids = ids.detach()
         keys, n_keys = self.dispatch.keys(ids, self.n_experts)
         dest, counts = routing_order(keys, n_keys)  # choice j of token t goes to row dest[t*k+j]
-        fused = self.fused and can_run(flat, dest)
-        rows = (permute if fused else permute_reference)(flat, dest, self.top_k)
+        # the kernels where they can run (the wrappers fall back to the references)
+        rows = (permute if self.fused else permute_reference)(flat, dest, self.top_k)
         out = self.dispatch(rows, counts, self.experts)
-        if fused and can_run(out, weights):
-            out = unpermute(out, dest, weights)
-        else:  # the eager combine: back to token order, weighted sum over the k choices
-            out = (out[dest].view(-1, self.top_k, h) * weights[..., None]).sum(dim=1)
+        out = (unpermute if self.fused else unpermute_reference)(out, dest, weights)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(b, s, h)

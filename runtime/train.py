@@ -25,7 +25,6 @@ from meshplan.core.errors import SpecError
 from meshplan.core.planfile import PlanFile, from_dict
 from meshplan.core.schedule import build_schedule
 from meshplan.kernels.cross_entropy import cross_entropy
-from meshplan.kernels.launch import can_run
 
 from . import checkpoint as ckpt
 from .data import SyntheticData, TokenFile, rank_micro_batches
@@ -79,12 +78,10 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def fused_loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The Triton cross-entropy: no fp32 copy of the logits; the gradient overwrites them
-    (the output layer's backward needs its input and weight, not its output)."""
-    flat, lab = logits.flatten(0, 1), labels.flatten()
-    if not can_run(flat, lab):
-        return loss_fn(logits, labels)
-    return cross_entropy(flat, lab, inplace_backward=True)
+    """The Triton cross-entropy where it can run (else `loss_fn`'s eager op): no fp32 copy
+    of the logits; the gradient overwrites them (the output layer's backward needs its
+    input and weight, not its output)."""
+    return cross_entropy(logits.flatten(0, 1), labels.flatten(), inplace_backward=True)
 
 
 def build(pf: PlanFile, mesh: Mesh, seed: int, device: torch.device, fused: bool = False

@@ -23,6 +23,14 @@ OPTIMIZER_BYTES_PER_PARAM = {"adam": 28, "sgd": 20}
 OVERLAP_SLOWDOWN = 0.189  # see NominalCosts.overlap_slowdown
 
 
+def exposed_beside(compute_s: float, comm_s: float, slowdown: float) -> float:
+    """Seconds that `comm_s` of communication adds to `compute_s` of compute it overlaps,
+    when the compute runs `1 + slowdown` times slower while both run (the fluid model of
+    `simulator/fluid.py`, solved for one pair): if the communication outlasts the slowed
+    compute it is exposed beyond it, else the compute pays `comm·slowdown/(1+slowdown)`."""
+    return max(comm_s - compute_s, comm_s * slowdown / (1.0 + slowdown))
+
+
 class CostModel(Protocol):
     name: str
 

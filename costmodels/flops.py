@@ -10,7 +10,7 @@ Narayanan et al. 2021, eq. 3, without its recompute term.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshplan.core.model import ModelSpec
@@ -27,6 +27,7 @@ class Op:
     flops: float = 0.0  # attn: core FLOPs (QK^T and PV)
     kv_len: int = 0  # attn: keys per query
     bytes: float = 0.0  # mem: bytes read + written
+    chunks: int = 1  # gemm: runs as this many GEMMs of m / chunks rows, one after another
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +89,8 @@ def attention_ops(model: ModelSpec, s: Shard) -> list[Op]:
         kv_local = kv_width(model, tp)
         q_local = heads * model.head_dim
         ops.append(_gemm("qkv", t, h, q_local + 2 * kv_local))
-        ops.append(_mem("rope", 2 * t * (q_local + kv_local) * b))
+        if model.position == "rope":
+            ops.append(_mem("rope", 2 * t * (q_local + kv_local) * b))
         qk_dim = v_dim = q_local
     ops += _core_attention(model, s, heads, qk_dim, v_dim)
     ops.append(_gemm("attn_out", t, v_dim, h))
@@ -170,7 +172,9 @@ def layer_ops(model: ModelSpec, s: Shard, moe_layer: bool) -> list[Op]:
 
 
 def embedding_ops(model: ModelSpec, s: Shard) -> list[Op]:
-    return [_mem("embedding", 2 * s.sp_tokens * model.hidden_size * s.act_bytes)]
+    """Gather the token rows and write them; learned positions add their rows' read."""
+    rows = 3 if model.position == "learned" else 2
+    return [_mem("embedding", rows * s.sp_tokens * model.hidden_size * s.act_bytes)]
 
 
 def head_ops(model: ModelSpec, s: Shard) -> list[Op]:
@@ -203,11 +207,29 @@ def fp8_casts(ops: list[Op]) -> list[Op]:
             for op in ops if op.kind == "gemm" and op.name not in ("router", "qk", "pv")]
 
 
+# The GEMMs beside a TP collective under SP: the first consumer of the all-gathered input
+# and the producers of what is reduce-scattered (Megatron-Core / Transformer Engine).
+TP_OVERLAP_GEMMS = frozenset({"qkv", "q_proj", "q_down", "attn_out", "mlp_up",
+                              "mlp_gate_up", "mlp_down"})
+
+
+def tp_chunked(ops: list[Op], tp: int) -> list[Op]:
+    """Overlapped TP decomposes each GEMM beside a collective into tp GEMMs over 1/tp of
+    the tokens, each one running while the next chunk moves (Wang et al. 2023, "Overlap
+    Communication with Dependent Computation via Decomposition", ASPLOS §3; Megatron
+    --tp-comm-overlap, torchtitan async TP): smaller GEMMs, one launch each."""
+    return [replace(op, chunks=tp) if op.kind == "gemm" and op.name in TP_OVERLAP_GEMMS
+            and op.m >= tp else op for op in ops]
+
+
 def backward(ops: list[Op]) -> list[Op]:
+    """Input-gradient GEMMs keep their forward's chunks (they feed the mirror collective);
+    weight-gradient GEMMs reduce over the tokens, in one piece."""
     out: list[Op] = []
     for op in ops:
         if op.kind == "gemm":
-            out += [_gemm(op.name + "_dgrad", op.m, op.n, op.k, op.batch),
+            out += [replace(_gemm(op.name + "_dgrad", op.m, op.n, op.k, op.batch),
+                            chunks=op.chunks),
                     _gemm(op.name + "_wgrad", op.k, op.m, op.n, op.batch)]
         elif op.kind == "attn":
             out.append(Op(name=op.name + "_bwd", kind="attn", flops=2.5 * op.flops,

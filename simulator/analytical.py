@@ -28,7 +28,12 @@ from meshplan.core.schedule import build_schedule, execute
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
 from meshplan.costmodels import memory as mem
-from meshplan.costmodels.costs import OPTIMIZER_BYTES_PER_PARAM, CostModel, NominalCosts
+from meshplan.costmodels.costs import (
+    OPTIMIZER_BYTES_PER_PARAM,
+    CostModel,
+    NominalCosts,
+    exposed_beside,
+)
 from meshplan.costmodels.flops import (
     Op,
     Shard,
@@ -40,6 +45,7 @@ from meshplan.costmodels.flops import (
     layer_ops,
     model_flops_per_token,
     recompute_flops_per_token,
+    tp_chunked,
 )
 from meshplan.costmodels.offload import (
     OffloadProblem,
@@ -92,15 +98,18 @@ class LayerParts:
     cp_ring: float  # forward ring passes; backward sends twice as much
     ep: float  # one all-to-all (dispatch or combine)
     recompute: float
+    slowdown: float  # compute slowdown while communication overlaps it
 
     def exposed(self) -> tuple[float, float]:
         """Communication seconds not hidden, (forward, backward): TP behind the GEMMs when
-        overlapped, the ring behind blockwise attention, EP all-to-alls always."""
-        tp_f, tp_b = self.tp_f, self.tp_b
+        overlapped, the ring behind blockwise attention, EP all-to-alls always; what
+        overlaps slows the compute under it (`costs.exposed_beside`)."""
+        tp_f, tp_b, sd = self.tp_f, self.tp_b, self.slowdown
         if self.tp_overlap:
-            tp_f, tp_b = max(0.0, tp_f - self.gemm_f), max(0.0, tp_b - 2 * self.gemm_f)
-        cp_f = max(0.0, self.cp_ring - self.attn_f)
-        cp_b = max(0.0, 2 * self.cp_ring - self.attn_b)
+            tp_f = exposed_beside(self.gemm_f, tp_f, sd)
+            tp_b = exposed_beside(2 * self.gemm_f, tp_b, sd)
+        cp_f = exposed_beside(self.attn_f, self.cp_ring, sd)
+        cp_b = exposed_beside(self.attn_b, 2 * self.cp_ring, sd)
         return tp_f + cp_f + 2 * self.ep, tp_b + cp_b + 2 * self.ep
 
     @property
@@ -131,7 +140,7 @@ def ops_time_s(costs: CostModel, dtype: str, ops: list[Op], eager: bool = False)
     total = 0.0
     for op in ops:
         if op.kind == "gemm":
-            total += costs.gemm_s(dtype, op.m, op.n, op.k, op.batch)
+            total += op.chunks * costs.gemm_s(dtype, op.m // op.chunks, op.n, op.k, op.batch)
         elif op.kind == "attn":
             total += costs.attention_s(attn_dtype, op.flops, op.kv_len,
                                        backward=op.name.endswith("_bwd"))
@@ -233,6 +242,8 @@ class PlanCosts:
     def _layer_parts(self, moe_layer: bool) -> LayerParts:
         """One layer's compute and raw communication for one micro-batch."""
         ops = layer_ops(self.model, self.shard, moe_layer)
+        if self.plan.tp_overlap and self.plan.tp > 1:
+            ops = tp_chunked(ops, self.plan.tp)
         if self.dtype == "fp8":
             ops += fp8_casts(ops)
         fwd = self._time(ops)
@@ -255,7 +266,8 @@ class PlanCosts:
         parts = LayerParts(fwd=fwd, bwd=bwd, gemm_f=gemm_f, attn_f=attn_f, attn_b=attn_b,
                            tp_f=tp, tp_b=tp, tp_overlap=self.plan.tp_overlap,
                            cp_ring=self._cp_ring(),
-                           ep=self._ep_comm() if moe_layer else 0.0, recompute=0.0)
+                           ep=self._ep_comm() if moe_layer else 0.0, recompute=0.0,
+                           slowdown=self.costs.overlap_slowdown())
         recompute = {"full": fwd + parts.exposed()[0], "selective": attn_f, "none": 0.0,
                      "op": gemm_f / 2 + self._time([o for o in ops if o.kind == "mem"])}[
             self.plan.recompute]
@@ -649,18 +661,23 @@ class PlanCosts:
         unit (`dp_units`). Gradients are reduced once per step, after the last
         micro-batch's backward (no sync while accumulating)."""
         p = self.plan
+        sd = self.costs.overlap_slowdown()
         total = exposed = 0.0
         for u in self.dp_units(rank):
             units = u.units
+
+            def hide(comm: float, compute: float, units: int = units) -> float:
+                """At least one unit waits; the rest runs beside `compute`."""
+                return max(comm / units, exposed_beside(compute, comm, sd))
+
             grads = units * self.costs.collective_s(u.group, u.grad_op, u.unit_bytes)
             gather = units * self.costs.collective_s(u.group, "all_gather", u.unit_bytes) \
                 if u.zero else 0.0
             if self.regathers:
                 total += self.m * 2 * gather + grads
                 if p.dp_overlap:  # the next unit's gather runs under this one's compute
-                    exposed += self.m * (max(gather / units, gather - phase_f)
-                                         + max(gather / units, gather - phase_b))
-                    exposed += max(grads / units, grads - max(0.0, phase_b - gather))
+                    exposed += self.m * (hide(gather, phase_f) + hide(gather, phase_b))
+                    exposed += hide(grads, max(0.0, phase_b - gather))
                 else:
                     exposed += self.m * 2 * gather + grads
                 continue
@@ -670,8 +687,8 @@ class PlanCosts:
             if p.dp_overlap:
                 # A unit's reduction starts when its last gradient is ready, so at least the
                 # last unit's is exposed.
-                exposed += max(grads / units, grads - phase_b)
-                exposed += max(gather / units, gather - phase_f) if gather else 0.0
+                exposed += hide(grads, phase_b)
+                exposed += hide(gather, phase_f) if gather else 0.0
             else:
                 exposed += grads + gather
         return exposed, total
@@ -774,8 +791,8 @@ def _dualpipe_pipeline(cm: PlanCosts) -> tuple[int, float, float]:
     DualPipe's two directions have no closed form for uneven blocks, so the schedule IR is
     executed with each block's F, B (input gradients) and W. A paired forward and backward
     run as one chunk whose communication overlaps the other's compute (DeepSeek-V3 report
-    §3.2.1, Fig. 4): the pair takes max(compute, communication) of the two together
-    instead of their sum, i.e. saves min(ΣcF+cB, ΣmF+mB)."""
+    §3.2.1, Fig. 4): the pair's communication runs beside its compute, which it slows
+    (`costs.exposed_beside`), instead of after it."""
     plan = cm.plan
     sched = build_schedule("dualpipe", plan.pp, cm.m)
     n = sched.n_stages
@@ -783,9 +800,12 @@ def _dualpipe_pipeline(cm: PlanCosts) -> tuple[int, float, float]:
     b = [cm.phases[sched.block(s)][1] for s in range(n)]
     w = [cm.block_wgrad_s(sched.block(s)) for s in range(n)]
 
+    sd = cm.costs.overlap_slowdown()
+
     def pair_saving(fs: int, bs: int) -> float:
         compute = f[fs].compute + f[fs].recompute + b[bs].compute + b[bs].recompute
-        return min(compute, f[fs].comm + b[bs].comm)
+        comm = f[fs].comm + b[bs].comm
+        return comm - exposed_beside(compute, comm, sd)
 
     spans = execute(sched, [x.total for x in f], [x.total - w[s] for s, x in enumerate(b)],
                     w, pair_saving)

@@ -114,3 +114,60 @@ def test_tiny_models_on_cpu():
 def test_bad_plan_raises_spec_error():
     with pytest.raises(mp.SpecError, match="does not divide 64 GPUs"):
         _sim(plan="tp=8,pp=3")
+
+
+def test_exposed_beside_is_the_fluid_pair():
+    from meshplan.costmodels.costs import exposed_beside
+    assert exposed_beside(2.0, 1.0, 0.0) == 0.0  # no interference: fully hidden
+    assert exposed_beside(0.0, 1.0, 0.25) == 1.0  # nothing to hide behind
+    assert exposed_beside(1.0, 3.0, 0.25) == pytest.approx(2.0)  # outlasts the compute
+    # hidden: 1 s of communication slows 2 s of compute by 1 - 1/1.25 of a second
+    assert exposed_beside(2.0, 1.0, 0.25) == pytest.approx(0.2)
+    # continuous where the communication just covers the slowed compute
+    assert exposed_beside(1.0, 1.25, 0.25) == pytest.approx(0.25)
+
+
+def _with_slowdown(plan: str, slowdown: float):
+    from meshplan.costmodels.costs import NominalCosts
+    from meshplan.simulator.analytical import CostCache, simulate_analytical
+
+    class Costs(NominalCosts):
+        def overlap_slowdown(self):
+            return slowdown
+
+    c = mp.load_cluster("h100-sxm", 16)
+    return simulate_analytical(mp.load_model("llama3-8b"), c,
+                               mp.TrainWorkload(seq_len=4096, global_batch=32),
+                               mp.Plan.parse(plan), CostCache(costs=Costs(c)))
+
+
+@pytest.mark.parametrize("plan", ["dp=16,zero=3,mbs=1", "dp=4,cp=4,mbs=1",
+                                  "dp=8,tp=2,sp=on,zero=1,mbs=2,tp_overlap=on"])
+def test_overlapped_communication_slows_the_compute_under_it(plan):
+    """FSDP gathers, the CP ring and async TP all run beside compute: a larger interference
+    factor makes the step longer, and with none the overlap is free where it fits."""
+    times = [_with_slowdown(plan, s).step_time_s for s in (0.0, 0.189, 0.4)]
+    assert times[0] < times[1] < times[2]
+
+
+def test_async_tp_pays_for_its_chunked_gemms():
+    """With the TP collectives made free the only difference tp_overlap makes is the
+    decomposition of the GEMMs beside them into tp pieces, which is never faster."""
+    from meshplan.costmodels.costs import NominalCosts
+    from meshplan.costmodels.flops import Shard, layer_ops, tp_chunked
+    from meshplan.simulator.analytical import ops_time_s
+    m, c = mp.load_model("llama3-405b"), mp.load_cluster("h100-sxm", 8)
+    ops = layer_ops(m, Shard(mbs=1, seq=8192, tp=8, sp=True), False)
+    chunked = tp_chunked(ops, 8)
+    assert {o.name for o in chunked if o.chunks == 8} == {"qkv", "attn_out", "mlp_gate_up",
+                                                         "mlp_down"}
+    costs = NominalCosts(c)
+    assert ops_time_s(costs, "bf16", chunked) > ops_time_s(costs, "bf16", ops)
+
+
+def test_learned_positions_have_no_rope():
+    from meshplan.costmodels.flops import Shard, layer_ops
+    gpt, llama = mp.load_model("gpt3-175b"), mp.load_model("llama3-8b")
+    s = Shard(mbs=1, seq=2048)
+    assert "rope" not in {o.name for o in layer_ops(gpt, s, False)}
+    assert "rope" in {o.name for o in layer_ops(llama, s, False)}

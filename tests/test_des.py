@@ -14,6 +14,7 @@ from meshplan.core.errors import SpecError
 from meshplan.core.plan import Plan
 from meshplan.core.schedule import build_schedule, makespan
 from meshplan.core.workload import TrainWorkload
+from meshplan.costmodels.costs import NominalCosts
 from meshplan.loaders import load_cluster, load_model
 from meshplan.simulator.analytical import CostCache, simulate_analytical
 from meshplan.simulator.des import DesOptions, simulate_des
@@ -60,6 +61,11 @@ class PassCosts:
         return 0.0
 
 
+class _NoInterference(NominalCosts):
+    def overlap_slowdown(self):
+        return 0.0
+
+
 def _passes(n_layers: int, gpus: int, global_batch: int, plan: str):
     model = dataclasses.replace(load_model("tiny-dense"), n_layers=n_layers)
     cluster = load_cluster("h100-sxm", gpus)
@@ -81,7 +87,7 @@ def _passes(n_layers: int, gpus: int, global_batch: int, plan: str):
 def test_without_overlap_des_agrees_with_analytical(model, gpus, batch, plan):
     m, c = load_model(model), load_cluster("h100-sxm", gpus)
     w = TrainWorkload(seq_len=4096, global_batch=batch)
-    a = simulate_analytical(m, c, w, Plan.parse(plan))
+    a = simulate_analytical(m, c, w, Plan.parse(plan), CostCache(costs=_NoInterference(c)))
     d = simulate_des(m, c, w, Plan.parse(plan), options=DesOptions(interference=0.0))
     assert d.result.step_time_s == pytest.approx(a.step_time_s, rel=0.01)
     assert d.result.peak_memory_bytes == a.peak_memory_bytes

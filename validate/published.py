@@ -135,7 +135,11 @@ def torchtitan_case(rec: dict) -> Case | None:
     cluster = replace(cluster, device=dev)
     local = p["microbatch"]  # torchtitan's per-DP-rank batch
     pp = p.get("pp") or 1
-    mbs = 1 if pp > 1 else local  # torchtitan pipelines one sequence per micro-batch
+    # torchtitan of the time splits the local batch into as many micro-batches as there
+    # are pipeline ranks unless told otherwise (experimental.pipeline_parallel_microbatches
+    # "defaults to the number of pipeline stages"; build_pipeline_schedule:
+    # n_microbatches = pipeline_parallel_degree); the records state no override.
+    mbs = local // pp
     recompute = "full" if p["recompute"] == "full" else "op"  # torchtitan's SAC default
     plan = Plan(dp=p["dp"], tp=p["tp"], pp=pp, cp=p.get("cp") or 1, mbs=mbs, zero=3,
                 sp=p["tp"] > 1, recompute=recompute, tp_overlap="AsyncTP" in name,

@@ -39,26 +39,36 @@ from .model import MoE, Transformer
 
 
 def stage_ids(plan: Plan, pp_rank: int) -> list[int]:
-    """Virtual stages of a pipeline rank, in chunk order (stage = chunk·pp + rank)."""
+    """Virtual stages of a pipeline rank, in chunk order: stage = chunk·pp + rank, or
+    under DualPipe the rank's stage in each direction (`schedule._dualpipe`)."""
+    if plan.schedule == "dualpipe":
+        return [pp_rank, 2 * plan.pp - 1 - pp_rank]
     return [c * plan.pp + pp_rank for c in range(plan.vpp)]
 
 
+def stage_block(plan: Plan, stage: int) -> int:
+    """The block of the layer split a virtual stage runs (DualPipe: both directions run
+    the same pp blocks, so the rank holds a copy of each of its two)."""
+    return stage % plan.pp if plan.schedule == "dualpipe" else stage
+
+
 def split_stages(full: Transformer, plan: Plan, pp_rank: int) -> list[Transformer]:
-    """This rank's model chunks: copies of `full` keeping only their stage's layers."""
+    """This rank's model chunks: copies of `full` keeping only their block's layers."""
     if plan.n_stages == 1:
         return [full]
     counts = layer_split(full.spec, plan)
     bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
-    last = plan.n_stages - 1
+    last = len(counts) - 1
     chunks = []
     for s in stage_ids(plan, pp_rank):
+        b = stage_block(plan, s)
         m = copy.deepcopy(full)
         for i in range(full.spec.n_layers):
-            if not bounds[s] <= i < bounds[s + 1]:
+            if not bounds[b] <= i < bounds[b + 1]:
                 del m.layers[str(i)]
-        if s > 0:
+        if b > 0:
             m.tok_embeddings = None
-        if s < last:
+        if b < last:
             m.norm, m.output = None, None
         chunks.append(m)
     return chunks

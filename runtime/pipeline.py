@@ -4,9 +4,12 @@
 backward (ZB-H1), `B` computes the gradient of the chunk's input only and `W` the weight
 gradients from what B kept (torch.distributed.pipelining's `stage_backward_input` and
 `stage_backward_weight`: B records the gradients reaching the nodes between the input's
-path and each weight, W finishes from there without redoing B's work). The first stage
-has no input gradient to send, so its whole backward runs at W, as in torch's own
-zero-bubble schedules. `SF`/`SB` send activations
+path and each weight, W finishes from there without redoing B's work). A pipeline's first
+stage has no input gradient to send, so its whole backward runs at W, as in torch's own
+zero-bubble schedules. DualPipe runs two pipelines in opposite directions over two copies
+of the blocks; a paired F and B run one after the other here (the pairing is where a GPU
+implementation overlaps one's communication with the other's compute), and the twin
+copies' gradients are summed by the reducer (`train.grad_reducer`). `SF`/`SB` send activations
 or gradients on (non-blocking, waited for at `RG`); `RF`/`RB` receive them (blocking);
 `RG` finishes the gradient reduction outside FSDP (`grads.py`); `OPT` ends the step (the
 caller steps the optimizer). Messages carry a tag made of (stage, micro-batch,
@@ -81,37 +84,36 @@ class PipelineRank:
 
     def _run(self, a: Action, st: StepState, micro: list[MicroBatch]) -> None:
         key = (a.stage, a.microbatch)
-        n = self.schedule.n_stages
+        sched = self.schedule
+        first, last = sched.is_first(a.stage), sched.is_last(a.stage)
         if a.kind == "RF":
             buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
-            dist.recv(buf, self.peer((a.stage - 1) % self.schedule.n_ranks),
-                      tag=self._tag(a.stage, a.microbatch, 0))
+            dist.recv(buf, self._peer_of(a.stage - 1), tag=self._tag(a.stage, a.microbatch, 0))
             st.inputs[key] = buf.requires_grad_()
         elif a.kind == "F":
             mb = micro[a.microbatch]
-            x = mb.tokens if a.stage == 0 else st.inputs[key]
+            x = mb.tokens if first else st.inputs[key]
             out = self.chunks[a.stage](x, mb.positions)
-            if a.stage == n - 1:
+            if last:
                 loss = self.loss_fn(out, mb.labels)
                 st.loss_sum += loss.item()
                 out = loss / len(micro)
             st.outputs[key] = out
         elif a.kind == "SF":
             st.sends.append(dist.isend(st.outputs[key].detach().contiguous(),
-                                       self.peer((a.stage + 1) % self.schedule.n_ranks),
+                                       self._peer_of(a.stage + 1),
                                        tag=self._tag(a.stage + 1, a.microbatch, 0)))
         elif a.kind == "RB":
             buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
-            dist.recv(buf, self.peer((a.stage + 1) % self.schedule.n_ranks),
-                      tag=self._tag(a.stage, a.microbatch, 1))
+            dist.recv(buf, self._peer_of(a.stage + 1), tag=self._tag(a.stage, a.microbatch, 1))
             st.grads[key] = buf
         elif a.kind == "B":
             out = st.outputs.pop(key)
-            grad = None if a.stage == n - 1 else st.grads.pop(key)
+            grad = None if last else st.grads.pop(key)
             if not self.split:
                 self._arm(a)
                 torch.autograd.backward(out, grad)
-            elif a.stage == 0:
+            elif first:
                 st.deferred[key] = (out, grad)
             else:
                 _, groups = stage_backward_input([out], None if grad is None else [grad],
@@ -121,7 +123,7 @@ class PipelineRank:
         elif a.kind == "W":
             last = self._arm(a)
             chunk = self.chunks[a.stage]
-            if a.stage == 0:
+            if first:
                 torch.autograd.backward(*st.deferred.pop(key))
             else:
                 stage_backward_weight(chunk.parameters(), st.deferred.pop(key))
@@ -129,8 +131,7 @@ class PipelineRank:
                 self.grads.chunk_final(a.stage)
         elif a.kind == "SB":
             grad = st.inputs.pop(key).grad
-            st.sends.append(dist.isend(grad.contiguous(),
-                                       self.peer((a.stage - 1) % self.schedule.n_ranks),
+            st.sends.append(dist.isend(grad.contiguous(), self._peer_of(a.stage - 1),
                                        tag=self._tag(a.stage - 1, a.microbatch, 1)))
         elif a.kind == "RG":
             for work in st.sends:
@@ -141,6 +142,11 @@ class PipelineRank:
         last = a.microbatch == self.last_backward[a.stage]
         self.grads.arm(a.stage, self.chunks[a.stage], last)
         return last
+
+    def _peer_of(self, stage: int) -> int:
+        """Global rank of the pipeline rank holding a virtual stage (of this rank's dp,
+        cp and tp coordinates)."""
+        return self.peer(self.schedule.rank_of(stage))
 
     def _tag(self, stage: int, microbatch: int, direction: int) -> int:
         return (stage * self.schedule.n_microbatches + microbatch) * 2 + direction

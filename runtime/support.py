@@ -41,14 +41,11 @@ def refuse_unsupported_plan(spec: ModelSpec, plan: Plan, cuda: bool) -> None:
     if spec.tied_embeddings and (plan.tp > 1 or plan.pp > 1):
         raise SpecError("model.tied_embeddings", f"tied embeddings with tp={plan.tp}, "
                         f"pp={plan.pp}: the runtime ties them only without TP and PP")
-    if plan.schedule == "zb" and plan.pp > 1 and plan.zero >= 1 and plan.dp * plan.cp > 1:
-        raise SpecError("plan.schedule", f"zb (ZB-H1) with zero={plan.zero}: the runtime's "
-                        "split backward writes weight gradients past FSDP's hooks; use "
-                        "zero=0 with zb")
-    if plan.schedule == "dualpipe":
-        raise SpecError("plan.schedule", "dualpipe keeps two copies of every block and "
-                        "pairs passes of opposite directions, which the runtime's pipeline "
-                        "does not yet run; the simulators model it")
+    split = plan.schedule == "dualpipe" or (plan.schedule == "zb" and plan.pp > 1)
+    if split and plan.zero >= 1 and plan.dp * plan.cp > 1:
+        raise SpecError("plan.schedule", f"{plan.schedule} with zero={plan.zero}: the "
+                        "runtime's split backward writes weight gradients past FSDP's "
+                        f"hooks; use zero=0 with {plan.schedule}")
     if spec.qk_norm and plan.tp > 1:
         raise SpecError("model.qk_norm", f"QK-norm with tp={plan.tp} is not built yet")
     if plan.expert_placement is not None and spec.moe is not None:

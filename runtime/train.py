@@ -32,7 +32,7 @@ from .grads import GradReducer
 from .measure import MemoryMeter, sync
 from .mesh import Mesh, build_mesh
 from .model import Transformer, init_weights
-from .parallelize import expert_params, parallelize, split_stages, stage_ids
+from .parallelize import expert_params, parallelize, split_stages, stage_block, stage_ids
 from .pipeline import PipelineRank
 from .routing import RoutingRecorder
 from .support import execution_notes, kernels_on
@@ -96,14 +96,19 @@ def build(pf: PlanFile, mesh: Mesh, seed: int, device: torch.device, fused: bool
 
 
 def grad_reducer(chunks, mesh: Mesh) -> GradReducer:
+    """Data-parallel means outside FSDP. Under DualPipe a rank and its twin hold copies of
+    the same blocks, each trained on half the micro-batches: summing the copies' gradients
+    (one reduction over both ranks' dp·cp groups, the parameters taken in block order so
+    the two lay out their buffers alike) gives each copy the whole batch's gradient."""
     plan = mesh.plan
     experts = set().union(*(expert_params(c) for c in chunks.values()))
-    params = [p for c in chunks.values() for p in c.parameters()]
+    order = sorted(chunks, key=lambda s: stage_block(plan, s))
+    params = [p for s in order for p in chunks[s].parameters()]
     jobs = []
     if plan.zero == 0 or mesh.size("dp_cp") == 1:
-        jobs.append(([p for p in params if p not in experts], mesh.group("dp_cp")))
+        jobs.append(([p for p in params if p not in experts], mesh.twin_group("dp_cp")))
     if experts:
-        jobs.append(([p for p in params if p in experts], mesh.group("edp")))
+        jobs.append(([p for p in params if p in experts], mesh.twin_group("edp")))
     return GradReducer(chunks, jobs, divisor=plan.dp * plan.cp, overlap=plan.dp_overlap,
                        keep_gathered=plan.zero in (1, 2))
 
@@ -205,10 +210,11 @@ def _act_shape(pf: PlanFile, plan) -> tuple[int, ...]:
 
 
 def _global_loss(local: float, mesh: Mesh, m: int) -> float:
-    """Mean loss over the global batch. `local` sums this rank's m micro-batch means; the
-    last-stage, tp-rank-0 ranks hold the dp·cp disjoint parts."""
+    """Mean loss over the global batch. `local` sums this rank's m micro-batch means
+    (zero but on the ranks holding a pipeline's last stage: under DualPipe two per
+    replica); the tp-rank-0 ranks hold the dp·cp disjoint parts."""
     plan = mesh.plan
-    owner = mesh.coord("pp") == plan.pp - 1 and mesh.coord("tp") == 0
+    owner = mesh.coord("tp") == 0
     device = "cuda" if mesh.device_type == "cuda" else "cpu"  # NCCL reduces CUDA tensors only
     t = torch.tensor([local if owner else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(t)

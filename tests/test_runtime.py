@@ -54,13 +54,15 @@ def check(results: dict[str, list[float]], ref: list[float]) -> None:
 
 
 DENSE_2 = ["dp=2", "dp=2,zero=1", "dp=2,zero=3", "tp=2,sp=on", "tp=2,sp=off",
-           "pp=2,mbs=1", "pp=2,vpp=2,mbs=1", "pp=2,mbs=1,schedule=zb,recompute=full", "cp=2",
+           "pp=2,mbs=1", "pp=2,vpp=2,mbs=1", "pp=2,mbs=1,schedule=zb,recompute=full",
+           "pp=2,mbs=1,schedule=dualpipe", "cp=2",
            "cp=2,recompute=selective", "cp=2,recompute=full"]
 DENSE_4 = ["dp=2,tp=2,sp=on", "dp=2,pp=2,mbs=1,zero=2", "tp=2,pp=2,sp=on,mbs=1",
            "dp=2,pp=2,vpp=2,mbs=1,zero=1", "cp=2,tp=2,sp=on", "dp=2,cp=2,zero=3,recompute=full",
-           "pp=4,mbs=1,recompute=op", "pp=2,cp=2,mbs=2,schedule=gpipe", "cp=4"]
+           "pp=4,mbs=1,recompute=op", "pp=2,cp=2,mbs=2,schedule=gpipe", "cp=4",
+           "pp=4,mbs=1,schedule=dualpipe", "dp=2,pp=2,mbs=1,schedule=dualpipe"]
 MOE_4 = ["dp=4,ep=4", "dp=4,ep=2,zero=2", "dp=2,tp=2,ep=2,sp=on", "dp=2,pp=2,ep=2,mbs=1",
-         "dp=2,pp=2,ep=2,mbs=1,schedule=zb",
+         "dp=2,pp=2,ep=2,mbs=1,schedule=zb", "dp=2,pp=2,ep=2,mbs=1,schedule=dualpipe",
          "dp=2,cp=2,ep=4,zero=3",
          json.dumps({"dp": 4, "ep": 2, "expert_placement": [[5, 2, 7, 0, 1, 6, 3, 4]]})]
 

@@ -140,7 +140,7 @@ def test_eager_activation_model_counts_what_autograd_saves(name, layer):
 
 @pytest.mark.parametrize("plan,world,reason", [
     ("dp=2,pp=2,zero=1,schedule=zb", 4, "past FSDP's hooks"),
-    ("pp=2,schedule=dualpipe", 2, "two copies")])
+    ("dp=2,pp=2,zero=3,schedule=dualpipe", 4, "past FSDP's hooks")])
 def test_runtime_refuses_schedules_it_cannot_run(plan, world, reason):
     from meshplan.runtime.support import refuse_unsupported_plan
 

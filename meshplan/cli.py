@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--link-scale", action="append", default=[], metavar="TIER=FACTOR",
                      help="what-if: nvlink, nic or pcie bandwidth times FACTOR, e.g. nic=0.5 "
                      "(engine des; repeatable)")
+    sim.add_argument("--replica-cluster", action="append", default=[],
+                     metavar="REPLICA:CLUSTER",
+                     help="what-if, mixed GPU types: data-parallel replica REPLICA runs on "
+                     "catalog cluster CLUSTER, e.g. 1:a100-80gb (engine des; repeatable)")
     sim.add_argument("--profile", help="hardware profile from `meshplan profile` (calibrated "
                      "cost model)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
@@ -245,12 +249,13 @@ def _simulate(args: argparse.Namespace) -> int:
         model, cluster, work = _load(args)
         plan = Plan.parse(args.plan)
     profile = load_profile(args.profile)
-    des_args = bool(args.trace or args.timeline or args.straggler or args.link_scale)
-    require(args.engine == "des" or not des_args, "engine",
-            "--trace, --timeline, --straggler and --link-scale need --engine des")
+    des_args = bool(args.trace or args.timeline or args.straggler or args.link_scale
+                    or args.replica_cluster)
+    require(args.engine == "des" or not des_args, "engine", "--trace, --timeline, "
+            "--straggler, --link-scale and --replica-cluster need --engine des")
     run = None
     if args.engine == "des":
-        run = simulate_run(model, cluster, work, plan, profile, _des_options(args))
+        run = simulate_run(model, cluster, work, plan, profile, _des_options(args, cluster))
         result = run.result
         _write_des_outputs(args, run)
     else:
@@ -290,8 +295,8 @@ def _goodput(args: argparse.Namespace, step_s: float) -> dict | None:
         "expected_goodput": expected_goodput(fm, every * step_s)}
 
 
-def _des_options(args: argparse.Namespace) -> DesOptions:
-    stragglers, scale = [], []
+def _des_options(args: argparse.Namespace, cluster) -> DesOptions:
+    stragglers, scale, where = [], [], []
     for item in args.straggler:
         rank, sep, frac = item.partition(":")
         require(bool(sep) and rank.strip().isdigit(), "straggler",
@@ -301,7 +306,13 @@ def _des_options(args: argparse.Namespace) -> DesOptions:
         tier, sep, factor = item.partition("=")
         require(bool(sep), "link-scale", f"{item!r} is not TIER=FACTOR (e.g. nic=0.5)")
         scale.append((tier.strip(), _number("link-scale", factor)))
-    return DesOptions(stragglers=tuple(stragglers), link_scale=tuple(scale))
+    for item in args.replica_cluster:
+        idx, sep, name = item.partition(":")
+        require(bool(sep) and idx.strip().isdigit() and bool(name.strip()), "replica-cluster",
+                f"{item!r} is not REPLICA:CLUSTER (e.g. 1:a100-80gb)")
+        where.append((int(idx), load_cluster(name.strip(), cluster.n_gpus)))
+    return DesOptions(stragglers=tuple(stragglers), link_scale=tuple(scale),
+                      replica_clusters=tuple(where))
 
 
 def _number(field: str, text: str) -> float:

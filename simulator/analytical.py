@@ -817,17 +817,23 @@ def _dualpipe_pipeline(cm: PlanCosts) -> tuple[int, float, float]:
 
 
 def summarise(cm: PlanCosts, step: float, time: TimeBreakdown, comm_s: dict[str, float],
-              engine: str = "analytical") -> SimResult:
+              engine: str = "analytical", peak_flops_per_s: float | None = None,
+              clusters: tuple[ClusterSpec, ...] = ()) -> SimResult:
     """A SimResult from a step time and its breakdown: throughput, MFU (PaLM, Chowdhery et
-    al. 2022 App. B), and the plan's peak memory and violations."""
+    al. 2022 App. B) against `peak_flops_per_s` of all GPUs (default: the cluster's), and
+    the plan's peak memory and violations, memory checked on `clusters` too (the other
+    hardware of a mixed job)."""
     plan, work, model, cluster = cm.plan, cm.work, cm.model, cm.cluster
     peak_mem = cm.peak_memory()
     tokens = work.tokens_per_step
     model_flops = model_flops_per_token(model, work.seq_len) * tokens
     hw_flops = model_flops + recompute_flops_per_token(model, work.seq_len,
                                                        plan.recompute) * tokens
-    nominal = cluster.device.peak_flops_per_s[work.dtype] * cluster.n_gpus
+    nominal = peak_flops_per_s or cluster.device.peak_flops_per_s[work.dtype] * cluster.n_gpus
     violations = check_plan(model, cluster, work, plan, peak_mem.total)
+    for other in clusters:
+        violations += [v for v in check_plan(model, other, work, plan, peak_mem.total)
+                       if v.field == "memory"]
     return SimResult(
         step_time_s=step,
         tokens_per_s=tokens / step,

@@ -19,7 +19,10 @@ kinds of links, so one replica's `pp` ranks stand for all of them (a collective'
 already holds its group's size and tiers). A straggler breaks the symmetry: its replica
 becomes a class of its own, simulated beside the representative one, and every DP
 collective waits for both. Within a replica the slowest TP/CP rank sets the pace, since
-they synchronise every layer.
+they synchronise every layer. Mixed GPU types work the same way: a replica on other
+hardware (`replica_clusters`) is a class whose compute, links and flows are priced on its
+own device and node, and each DP collective spans every class, from the last to arrive to
+the last to finish.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from meshplan.core.results import SimResult, TimeBreakdown
 from meshplan.core.schedule import Action, PipelineSchedule, build_schedule, splits_backward
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
+from meshplan.costmodels.costs import NominalCosts
 
 from .analytical import CostCache, LayerParts, PlanCosts, prepare, summarise
 from .fluid import Fluid, Job, Link
@@ -54,11 +58,15 @@ class DesOptions:
     link_scale: (tier, factor) with tier "nvlink", "nic" or "pcie": that link of every
     rank at factor × its bandwidth (0.5: a degraded link).
     interference: compute slowdown while the rank communicates; None: the cost model's.
+    replica_clusters: (DP replica index, cluster) for replicas on other hardware, e.g.
+    ((1, a100_cluster),): replica 1's ranks compute on that cluster's device and talk over
+    its node's links (nominal costs); every other replica runs on the plan's cluster.
     """
 
     stragglers: tuple[tuple[int, float], ...] = ()
     link_scale: tuple[tuple[str, float], ...] = ()
     interference: float | None = None
+    replica_clusters: tuple[tuple[int, ClusterSpec], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -277,25 +285,77 @@ def _bump(env: simpy.Environment, rank: _Rank, attr: str) -> None:
     old.succeed()
 
 
+@dataclass(kw_only=True)
+class _Hardware:
+    """What a class of ranks runs on: its plan costs, flow pricing, stage programs and DP
+    units (one per distinct cluster)."""
+
+    cm: PlanCosts
+    pr: _Pricer
+    programs: list[_StageProgram]
+    gather_units: dict[int, list[tuple[_Flow, ...]]]
+    grad_units: dict[int, list[tuple[int, tuple[_Flow, ...]]]]
+
+
+def _hardware(cm: PlanCosts, split_w: bool) -> _Hardware:
+    pr = _Pricer(cm)
+    gathers, grads = _dp_units(cm, pr)
+    return _Hardware(cm=cm, pr=pr, gather_units=gathers, grad_units=grads,
+                     programs=[_stage_program(cm, pr, s, split_w)
+                               for s in range(len(cm.stage_layers))])
+
+
+def _dp_units(cm: PlanCosts, pr: _Pricer) -> tuple[dict[int, list[tuple[_Flow, ...]]],
+                                                   dict[int, list[tuple[int, tuple[_Flow, ...]]]]]:
+    """Per pipeline rank: the all-gathers of one pass over its layers, in order (the
+    first also gathers the root unit: embedding, final norm, head), and the gradient
+    reductions with how many of the rank's layers each waits for. Units as the
+    analytical engine prices them (`PlanCosts.dp_exposed_s`)."""
+    gathers: dict[int, list[tuple[_Flow, ...]]] = {}
+    grads: dict[int, list[tuple[int, tuple[_Flow, ...]]]] = {}
+    for r in range(cm.plan.pp):
+        per_group_g, per_group_r = [], []
+        for u in cm.dp_units(r):
+            red = pr.collective("dp", u.group, u.grad_op, u.unit_bytes)
+            if not u.zero:  # DDP bucket k waits for its share of the layers
+                per_group_r.append([(min(u.layers, math.ceil((k + 1) * u.layers / u.units)),
+                                     red) for k in range(u.units)])
+                continue
+            per_group_r.append([(min(k + 1, u.layers), red) for k in range(u.units)])
+            t = cm.costs.collective_s(u.group, "all_gather", u.unit_bytes)
+            per_group_g.append([pr.collective("dp", u.group, "all_gather", u.unit_bytes,
+                                              t * (2 if k == 0 else 1))
+                                for k in range(u.layers)])
+        # dense and expert units in the order their layers complete (stable sort)
+        grads[r] = sorted((u for units in per_group_r for u in units), key=lambda u: u[0])
+        gathers[r] = [tuple(f for g in unit for f in g)
+                      for unit in zip(*per_group_g, strict=True)]
+    return gathers, grads
+
+
 class _Engine:
     def __init__(self, cm: PlanCosts, schedule: PipelineSchedule, opts: DesOptions):
         self.cm, self.sched, self.opts = cm, schedule, opts
         self.env = simpy.Environment()
-        self.pr = _Pricer(cm)
         plan = cm.plan
         self.split_w = splits_backward(schedule)
-        self.programs = [_stage_program(cm, self.pr, s, self.split_w)
-                         for s in range(len(cm.stage_layers))]
+        base = _hardware(cm, self.split_w)
         self.classes = self._classes()
-        self.ranks = [_Rank(index=c * plan.pp + r, cls=c, pp=r, slow=self.classes[c][r])
+        by_name = {cm.cluster.name: base}
+        for c, _ in self.classes:
+            if c is not None and c.name not in by_name:
+                other = prepare(cm.model, c, cm.work, plan, CostCache(costs=NominalCosts(c)))
+                by_name[c.name] = _hardware(other, self.split_w)
+        self.hw = [by_name[c.name if c else cm.cluster.name] for c, _ in self.classes]
+        self.ranks = [_Rank(index=c * plan.pp + r, cls=c, pp=r, slow=self.classes[c][1][r])
                       for c in range(len(self.classes)) for r in range(plan.pp)]
         scale = dict(opts.link_scale)
         for tier, k in opts.link_scale:
-            require(tier in self.pr.cap and k > 0, "options.link_scale",
-                    f"{tier}={k}: tiers are {sorted(self.pr.cap)} and factors > 0")
+            require(tier in base.pr.cap and k > 0, "options.link_scale",
+                    f"{tier}={k}: tiers are {sorted(base.pr.cap)} and factors > 0")
         capacity: dict[Link, float] = {
             (t, r.index, d): bw * scale.get(t, 1.0) for r in self.ranks
-            for t, bw in self.pr.cap.items() for d in ("out", "in")}
+            for t, bw in self.hw[r.cls].pr.cap.items() for d in ("out", "in")}
         slowdown = opts.interference
         if slowdown is None:
             slowdown = cm.costs.overlap_slowdown()
@@ -304,10 +364,11 @@ class _Engine:
         self.spans: list[Span] = []
         self.arrivals: dict[tuple, simpy.Event] = {}
         self.barriers: dict[tuple, list[simpy.Event]] = {}
-        self.gather_units, self.grad_units = self._dp_units()
 
-    def _classes(self) -> list[list[float]]:
-        """Compute factor per (class, pipeline rank); class 0 is every healthy replica."""
+    def _classes(self) -> list[tuple[ClusterSpec | None, list[float]]]:
+        """Per class of DP replicas: the cluster it runs on (None: the plan's) and its
+        compute factor per pipeline rank; class 0 is every healthy replica on the plan's
+        cluster, when there is one."""
         plan, n = self.cm.plan, self.cm.cluster.n_gpus
         per_replica: dict[int, dict[int, float]] = defaultdict(dict)
         for rank, frac in self.opts.stragglers:
@@ -317,40 +378,31 @@ class _Engine:
             pp_idx, rest = divmod(rank, plan.dp * inner)
             row = per_replica[rest // inner]
             row[pp_idx] = max(row.get(pp_idx, 1.0), 1.0 + frac)
-        out = [[1.0] * plan.pp] if len(per_replica) < plan.dp else []
+        where = dict(self.replica_clusters())
+        for dp_idx in where:
+            per_replica.setdefault(dp_idx, {})
+        out: list[tuple[ClusterSpec | None, list[float]]] = []
+        if len(per_replica) < plan.dp:
+            out.append((None, [1.0] * plan.pp))
         for dp_idx in sorted(per_replica):
-            out.append([per_replica[dp_idx].get(r, 1.0) for r in range(plan.pp)])
+            out.append((where.get(dp_idx),
+                        [per_replica[dp_idx].get(r, 1.0) for r in range(plan.pp)]))
         return out
 
-    # ---- data parallelism -----------------------------------------------------------
-    def _dp_units(self) -> tuple[dict[int, list[tuple[_Flow, ...]]],
-                                 dict[int, list[tuple[int, tuple[_Flow, ...]]]]]:
-        """Per pipeline rank: the all-gathers of one pass over its layers, in order (the
-        first also gathers the root unit: embedding, final norm, head), and the gradient
-        reductions with how many of the rank's layers each waits for. Units as the
-        analytical engine prices them (`PlanCosts.dp_exposed_s`)."""
-        cm, plan = self.cm, self.cm.plan
-        gathers: dict[int, list[tuple[_Flow, ...]]] = {}
-        grads: dict[int, list[tuple[int, tuple[_Flow, ...]]]] = {}
-        for r in range(plan.pp):
-            per_group_g, per_group_r = [], []
-            for u in cm.dp_units(r):
-                red = self.pr.collective("dp", u.group, u.grad_op, u.unit_bytes)
-                if not u.zero:  # DDP bucket k waits for its share of the layers
-                    per_group_r.append([(min(u.layers, math.ceil((k + 1) * u.layers / u.units)),
-                                         red) for k in range(u.units)])
-                    continue
-                per_group_r.append([(min(k + 1, u.layers), red) for k in range(u.units)])
-                t = cm.costs.collective_s(u.group, "all_gather", u.unit_bytes)
-                per_group_g.append([self.pr.collective("dp", u.group, "all_gather", u.unit_bytes,
-                                                       t * (2 if k == 0 else 1))
-                                    for k in range(u.layers)])
-            # dense and expert units in the order their layers complete (stable sort)
-            grads[r] = sorted((u for units in per_group_r for u in units), key=lambda u: u[0])
-            gathers[r] = [tuple(f for g in unit for f in g)
-                          for unit in zip(*per_group_g, strict=True)]
-        return gathers, grads
+    def replica_clusters(self) -> list[tuple[int, ClusterSpec]]:
+        cm = self.cm
+        for idx, c in self.opts.replica_clusters:
+            require(0 <= idx < cm.plan.dp, "options.replica_clusters",
+                    f"replica {idx}: the plan has dp={cm.plan.dp} replicas (0..{cm.plan.dp - 1})")
+            require(c.n_gpus == cm.cluster.n_gpus and
+                    c.node.gpus_per_node == cm.cluster.node.gpus_per_node,
+                    "options.replica_clusters",
+                    f"replica {idx} on {c.name}: {c.n_gpus} GPUs in nodes of "
+                    f"{c.node.gpus_per_node}, the plan's cluster has {cm.cluster.n_gpus} in "
+                    f"nodes of {cm.cluster.node.gpus_per_node}; the layouts must match")
+        return [(i, c) for i, c in self.opts.replica_clusters if c.name != cm.cluster.name]
 
+    # ---- data parallelism -----------------------------------------------------------
     def _run_flows(self, rank: _Rank, flows: tuple[_Flow, ...], peer: _Rank | None = None
                    ) -> simpy.Event:
         dst = peer if peer is not None else rank
@@ -365,20 +417,27 @@ class _Engine:
         return events[0] if len(events) == 1 else self.env.all_of(events)
 
     def _collective(self, rank: _Rank, key: tuple, flows: tuple[_Flow, ...]):
-        """A DP collective starts once every class has reached it (stragglers included)."""
+        """A DP collective starts once every class has reached it (stragglers included)
+        and ends for all once the slowest class's part has ended (other hardware)."""
         if len(self.classes) > 1:
-            waiting = self.barriers.setdefault(key, [])
-            ev = self.env.event()
-            waiting.append(ev)
-            if len(waiting) == len(self.classes):
-                for e in waiting:
-                    e.succeed()
-            yield ev
+            yield self._barrier((*key, "start"))
         yield self._run_flows(rank, flows)
+        if len(self.classes) > 1:
+            yield self._barrier((*key, "end"))
+
+    def _barrier(self, key: tuple) -> simpy.Event:
+        """An event that fires once every class has asked for it under `key`."""
+        waiting = self.barriers.setdefault(key, [])
+        ev = self.env.event()
+        waiting.append(ev)
+        if len(waiting) == len(self.classes):
+            for e in waiting:
+                e.succeed()
+        return ev
 
     def _dp_stream(self, rank: _Rank):
         """Reduce gradient units as the rank's layers finish their last backward."""
-        for i, (need, flows) in enumerate(self.grad_units[rank.pp]):
+        for i, (need, flows) in enumerate(self.hw[rank.cls].grad_units[rank.pp]):
             while rank.layers_ready < need:
                 yield rank.ready
             yield from self._collective(rank, ("grad", rank.pp, i), flows)
@@ -387,7 +446,7 @@ class _Engine:
 
     def _gather_stream(self, rank: _Rank, uses: int):
         """FSDP all-gathers, at most one unit ahead of the layer computing."""
-        units = self.gather_units[rank.pp]
+        units = self.hw[rank.cls].gather_units[rank.pp]
         for k in range(uses):
             while rank.gathers_used < k - 1:
                 yield rank.used
@@ -435,23 +494,24 @@ class _Engine:
             while rank.gathers_done <= rank.gathers_used:
                 yield from self._wait(rank, rank.gathered, "exposed_comm")
         else:
-            units = self.gather_units[rank.pp]
+            units = self.hw[rank.cls].gather_units[rank.pp]
             flows = units[rank.gathers_used % len(units)]
             yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
         rank.gathers_used += 1
         _bump(self.env, rank, "used")
 
     def _rank_proc(self, rank: _Rank):
-        cm, plan = self.cm, self.cm.plan
+        hw = self.hw[rank.cls]
+        cm, plan = hw.cm, hw.cm.plan
         grads_at = "W" if self.split_w else "B"
         last_mb = {a.stage: a.microbatch for a in self.sched.actions[rank.pp]
                    if a.kind == grads_at}
-        has_gathers = bool(self.gather_units[rank.pp])
+        has_gathers = bool(hw.gather_units[rank.pp])
         seen: set[int] = set()
 
         def compute_pass(a: Action, lock: simpy.Resource | None = None):
             k = a.kind
-            prog = self.programs[self.sched.block(a.stage)]
+            prog = hw.programs[self.sched.block(a.stage)]
             blocks = {"F": prog.fwd, "B": prog.bwd, "W": prog.wgt}[k]
             if k == "F":  # ZeRO-1/2 without overlap gathers after the optimizer step
                 gathering = has_gathers and (cm.regathers or (
@@ -499,37 +559,40 @@ class _Engine:
 
     def _send(self, rank: _Rank, a: Action) -> None:
         """Start a pipeline send (it never blocks the compute stream, as with isend)."""
-        cm = self.cm
+        hw = self.hw[rank.cls]
+        cm = hw.cm
         to_stage = a.stage + 1 if a.kind == "SF" else a.stage - 1
         peer = self.ranks[rank.cls * cm.plan.pp + self.sched.rank_of(to_stage)]
         nbytes = cm.shard.sp_tokens * cm.model.hidden_size * cm.shard.act_bytes
-        done = self._run_flows(rank, (self.pr.send(nbytes, cm.pp_crosses_node),), peer)
+        done = self._run_flows(rank, (hw.pr.send(nbytes, cm.pp_crosses_node),), peer)
         arrival = self._arrival(rank.cls, ("F" if a.kind == "SF" else "B", to_stage,
                                            a.microbatch))
         done.callbacks.append(lambda _e: arrival.succeed())
 
     def _reduce_grads(self, rank: _Rank):
+        hw = self.hw[rank.cls]
         if self.cm.plan.dp_overlap:
             assert rank.dp_done is not None
             yield from self._wait(rank, rank.dp_done, "exposed_comm")
         else:
-            for i, (_need, flows) in enumerate(self.grad_units[rank.pp]):
+            for i, (_need, flows) in enumerate(hw.grad_units[rank.pp]):
                 t0 = self.env.now
                 yield from self._collective(rank, ("grad", rank.pp, i), flows)
                 rank.spent["exposed_comm"] += self.env.now - t0
-        twin = self.cm.twin_sync_s(rank.pp)
+        twin = hw.cm.twin_sync_s(rank.pp)
         if twin:  # DualPipe: the two copies of each block sum their gradients
-            flows = self.pr.collective("pp", self.cm.twin_group, "all_reduce",
-                                       self.cm.twin_sync_bytes(rank.pp), twin, "twin all_reduce")
+            flows = hw.pr.collective("pp", hw.cm.twin_group, "all_reduce",
+                                     hw.cm.twin_sync_bytes(rank.pp), twin, "twin all_reduce")
             yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
 
     def _optimizer(self, rank: _Rank):
         """The optimizer step, the host offload after it, and, for ZeRO-1/2 without
         overlap, the all-gather of the updated parameters (Megatron's distributed optimizer
         without --overlap-param-gather)."""
-        opt_s, offload_s = self.cm.optimizer_s(rank.pp)
+        hw = self.hw[rank.cls]
+        opt_s, offload_s = hw.cm.optimizer_s(rank.pp)
         t0 = self.env.now
-        stream = self.cm.stream_s() - t0  # offload=layers: PCIe streaming outlasting compute
+        stream = hw.cm.stream_s() - t0  # offload=layers: PCIe streaming outlasting compute
         if stream > 0:
             yield self.env.timeout(stream)
             rank.spent["offload"] += stream
@@ -541,14 +604,14 @@ class _Engine:
                                    start_s=t0, end_s=self.env.now))
         if offload_s:  # grads down and parameters up over PCIe, Adam on the host
             t0 = self.env.now
-            cap = self.pr.cap["pcie"]
+            cap = hw.pr.cap["pcie"]
             yield self.fluid.run(Job(
                 work_s=offload_s, rank=rank.index, ranks=(rank.index,),
                 demands={("pcie", rank.index, d): cap for d in ("out", "in")},
                 name="optimizer offload", stream="offload"))
             rank.spent["offload"] += self.env.now - t0
         if not self.cm.plan.dp_overlap and not self.cm.regathers:
-            for flows in self.gather_units[rank.pp]:
+            for flows in hw.gather_units[rank.pp]:
                 yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
 
     def _record(self, job: Job) -> None:
@@ -563,11 +626,12 @@ class _Engine:
                 setattr(rank, attr, self.env.event())
             rank.lock = simpy.Resource(self.env, capacity=1)
             self.env.process(self._rank_proc(rank))
-            if self.cm.plan.dp_overlap and self.grad_units[rank.pp]:
+            hw = self.hw[rank.cls]
+            if self.cm.plan.dp_overlap and hw.grad_units[rank.pp]:
                 self.env.process(self._dp_stream(rank))
             else:
                 rank.dp_done.succeed()  # type: ignore[union-attr]
-            if self.gather_units[rank.pp] and self.cm.plan.dp_overlap:
+            if hw.gather_units[rank.pp] and self.cm.plan.dp_overlap:
                 self.env.process(self._gather_stream(rank, self._gather_uses(rank)))
         self.env.run()
         stuck = [r.index for r in self.ranks if r.end_s is None]
@@ -577,9 +641,17 @@ class _Engine:
 
     def _gather_uses(self, rank: _Rank) -> int:
         """Layer passes on this rank that wait for an all-gather in one step."""
-        cm = self.cm
-        layers = sum(self.programs[s].layers for s in cm.rank_stages[rank.pp])
+        cm, hw = self.cm, self.hw[rank.cls]
+        layers = sum(hw.programs[s].layers for s in cm.rank_stages[rank.pp])
         return 2 * layers * self.sched.n_microbatches if cm.regathers else layers
+
+
+def _peak_flops(cm: PlanCosts, eng: _Engine) -> float:
+    """Nominal FLOP/s of every GPU of a mixed job: each replica's on its own device."""
+    where = dict(eng.replica_clusters())
+    per_replica = cm.cluster.n_gpus // cm.plan.dp
+    return per_replica * sum(where.get(i, cm.cluster).device.peak_flops_per_s[cm.work.dtype]
+                             for i in range(cm.plan.dp))
 
 
 def _schedule(cm: PlanCosts) -> PipelineSchedule:
@@ -598,12 +670,17 @@ def simulate_des(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, pl
     worst = max(eng.ranks, key=lambda r: r.spent["compute"] + r.spent["recompute"])
     time = TimeBreakdown(**{k: worst.spent[k] for k in CATEGORIES})
     dp = [s for s in eng.spans if s.stream == "dp" and s.rank == worst.index]
+    others = tuple(c for _, c in eng.replica_clusters())
     result = summarise(cm, step, time, engine="des",
-                       comm_s={"dp_total": sum(s.end_s - s.start_s for s in dp)})
+                       comm_s={"dp_total": sum(s.end_s - s.start_s for s in dp)},
+                       peak_flops_per_s=_peak_flops(cm, eng) if others else None,
+                       clusters=others)
     util = {f"{t}:{r}:{d}": b / (eng.fluid.capacity[(t, r, d)] * step)
             for (t, r, d), b in sorted(eng.fluid.link_bytes.items()) if step > 0}
     many = len(eng.classes) > 1
-    labels = tuple(f"class {r.cls} pp {r.pp}" if many else f"pp {r.pp}" for r in eng.ranks)
+    on = [f" {eng.hw[r.cls].cm.cluster.device.name}" if others else "" for r in eng.ranks]
+    labels = tuple(f"class {r.cls}{o} pp {r.pp}" if many else f"pp {r.pp}"
+                   for r, o in zip(eng.ranks, on, strict=True))
     return DesRun(result=result, spans=tuple(eng.spans), ranks=labels,
                   per_rank_s=tuple(dict(r.spent) for r in eng.ranks),
                   link_utilisation=util, events=eng.fluid.events)

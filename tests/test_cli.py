@@ -59,6 +59,9 @@ def test_simulate_prints_goodput_under_failures(capsys):
     (["--straggler", "x:0.2", "--engine", "des"], "straggler"),
     (["--link-scale", "nic", "--engine", "des"], "link-scale"),
     (["--link-scale", "nic=0.5"], "engine"),
+    (["--replica-cluster", "1:a100-80gb"], "engine"),
+    (["--replica-cluster", "a100-80gb", "--engine", "des"], "replica-cluster"),
+    (["--replica-cluster", "9:a100-80gb", "--engine", "des"], "options.replica_clusters"),
 ])
 def test_des_options_bad_input(capsys, extra, field):
     assert main(BASE + ["--plan", "tp=8,pp=4", *extra]) == 2

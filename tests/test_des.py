@@ -257,3 +257,41 @@ def test_chrome_trace_has_one_process_per_simulated_rank(model, gpus, plan):
     names = {e["name"] for e in spans}
     assert any(n.startswith("all_gather tp(") or n.startswith("all_reduce tp(") for n in names)
     assert any(e["ph"] == "M" and e["name"] == "thread_name" for e in events)
+
+
+def test_mixed_gpu_types_run_at_the_slower_replicas_pace():
+    """A data-parallel replica on A100s among H100 replicas: synchronous DP waits for it
+    every step, so the step takes what an all-A100 job takes; MFU counts each GPU's own
+    peak; a device whose memory the plan overflows is reported."""
+    m, w = load_model("llama3-8b"), TrainWorkload(seq_len=4096, global_batch=64)
+    h100, a100 = load_cluster("h100-sxm", 32), load_cluster("a100-80gb", 32)
+    plan = Plan.parse("dp=4,tp=2,pp=4,mbs=1,zero=1,sp=on")
+    fast = simulate_des(m, h100, w, plan).result
+    slow = simulate_des(m, a100, w, plan).result
+    run = simulate_des(m, h100, w, plan, options=DesOptions(replica_clusters=((1, a100),)))
+    mixed = run.result
+    assert fast.step_time_s < 0.5 * mixed.step_time_s
+    assert mixed.step_time_s == pytest.approx(slow.step_time_s, rel=1e-3)
+    assert len(run.ranks) == 2 * plan.pp and "A100" in run.ranks[-1]
+    peak = 8 * (3 * 989e12 + 312e12)
+    assert mixed.mfu == pytest.approx(fast.mfu * fast.step_time_s / mixed.step_time_s
+                                      * 32 * 989e12 / peak)
+    big = Plan.parse("dp=4,tp=2,pp=4,mbs=4,zero=1,sp=on")  # ~45 GB per GPU
+    small = load_cluster("a100-40gb", 32)
+    crowded = simulate_des(m, h100, w, big,
+                           options=DesOptions(replica_clusters=((2, small),))).result
+    assert crowded.peak_memory_bytes > small.device.hbm_bytes
+    assert not crowded.fits
+    assert any(small.device.name in v for v in crowded.violations), crowded.violations
+
+
+def test_replica_cluster_errors_name_the_field():
+    m, w = load_model("llama3-8b"), TrainWorkload(seq_len=4096, global_batch=64)
+    plan = Plan.parse("dp=4,tp=2,pp=4,mbs=1,zero=1,sp=on")
+    h100 = load_cluster("h100-sxm", 32)
+    with pytest.raises(SpecError, match="dp=4 replicas"):
+        simulate_des(m, h100, w, plan, options=DesOptions(
+            replica_clusters=((4, load_cluster("a100-80gb", 32)),)))
+    with pytest.raises(SpecError, match="layouts must match"):
+        simulate_des(m, h100, w, plan, options=DesOptions(
+            replica_clusters=((1, load_cluster("cpu", 32)),)))

@@ -55,6 +55,8 @@ CPU_SUITE = (
     Case(name="pp2-1f1b", model="tiny-dense", gpus=2, plan="pp=2,mbs=2"),
     Case(name="pp2-interleaved", model="tiny-dense", gpus=2, plan="pp=2,vpp=2,mbs=2"),
     Case(name="pp2-gpipe", model="tiny-dense", gpus=2, plan="pp=2,mbs=2,schedule=gpipe"),
+    Case(name="pp2-zb", model="tiny-dense", gpus=2, plan="pp=2,mbs=2,schedule=zb"),
+    Case(name="pp2-dualpipe", model="tiny-dense", gpus=2, plan="pp=2,mbs=2,schedule=dualpipe"),
     Case(name="dp2-pp2", model="tiny-dense", gpus=4, plan="dp=2,pp=2,mbs=2"),
     Case(name="cp2", model="tiny-dense", gpus=2, plan="cp=2,mbs=4"),
     Case(name="dp2-full-recompute", model="tiny-dense", gpus=2,

@@ -417,8 +417,9 @@ class _Engine:
         return events[0] if len(events) == 1 else self.env.all_of(events)
 
     def _collective(self, rank: _Rank, key: tuple, flows: tuple[_Flow, ...]):
-        """A DP collective starts once every class has reached it (stragglers included)
-        and ends for all once the slowest class's part has ended (other hardware)."""
+        """A DP collective (gradient reduction, FSDP all-gather) starts once every class
+        has reached it (stragglers included) and ends for all once the slowest class's
+        part has ended (other hardware)."""
         if len(self.classes) > 1:
             yield self._barrier((*key, "start"))
         yield self._run_flows(rank, flows)
@@ -450,7 +451,7 @@ class _Engine:
         for k in range(uses):
             while rank.gathers_used < k - 1:
                 yield rank.used
-            yield self._run_flows(rank, units[k % len(units)])
+            yield from self._collective(rank, ("gather", rank.pp, k), units[k % len(units)])
             rank.gathers_done += 1
             _bump(self.env, rank, "gathered")
 
@@ -496,7 +497,9 @@ class _Engine:
         else:
             units = self.hw[rank.cls].gather_units[rank.pp]
             flows = units[rank.gathers_used % len(units)]
-            yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
+            key = ("gather", rank.pp, rank.gathers_used)
+            yield from self._wait(rank, self.env.process(self._collective(rank, key, flows)),
+                                  "exposed_comm")
         rank.gathers_used += 1
         _bump(self.env, rank, "used")
 
@@ -611,8 +614,9 @@ class _Engine:
                 name="optimizer offload", stream="offload"))
             rank.spent["offload"] += self.env.now - t0
         if not self.cm.plan.dp_overlap and not self.cm.regathers:
-            for flows in hw.gather_units[rank.pp]:
-                yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
+            for i, flows in enumerate(hw.gather_units[rank.pp]):
+                gather = self.env.process(self._collective(rank, ("regather", rank.pp, i), flows))
+                yield from self._wait(rank, gather, "exposed_comm")
 
     def _record(self, job: Job) -> None:
         if job.is_flow:

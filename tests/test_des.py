@@ -295,3 +295,17 @@ def test_replica_cluster_errors_name_the_field():
     with pytest.raises(SpecError, match="layouts must match"):
         simulate_des(m, h100, w, plan, options=DesOptions(
             replica_clusters=((1, load_cluster("cpu", 32)),)))
+
+
+def test_mixed_gpu_types_under_fsdp_gather_at_the_slowest_pace():
+    """FSDP all-gathers span every replica too (each starts at the last arrival and ends
+    with the slowest part): with an A100 replica among H100 ones the step is the
+    all-A100 one, with and without prefetching."""
+    m, w = load_model("llama3-8b"), TrainWorkload(seq_len=4096, global_batch=32)
+    h100, a100 = load_cluster("h100-sxm", 16), load_cluster("a100-80gb", 16)
+    for text in ("dp=16,zero=3,mbs=1", "dp=16,zero=3,mbs=1,dp_overlap=off"):
+        plan = Plan.parse(text)
+        mixed = simulate_des(m, h100, w, plan,
+                             options=DesOptions(replica_clusters=((1, a100),))).result
+        slow = simulate_des(m, a100, w, plan).result
+        assert mixed.step_time_s == pytest.approx(slow.step_time_s, rel=1e-3)

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from meshplan.core.plan import Plan, layer_split
+from meshplan.core.plan import Plan, layer_split, rank_blocks
 
 from .context import RingAttention
 from .experts import ExpertDispatch, placement_row, shard_experts
@@ -46,10 +46,11 @@ def stage_ids(plan: Plan, pp_rank: int) -> list[int]:
     return [c * plan.pp + pp_rank for c in range(plan.vpp)]
 
 
-def stage_block(plan: Plan, stage: int) -> int:
-    """The block of the layer split a virtual stage runs (DualPipe: both directions run
-    the same pp blocks, so the rank holds a copy of each of its two)."""
-    return stage % plan.pp if plan.schedule == "dualpipe" else stage
+def stage_blocks(plan: Plan, pp_rank: int) -> dict[int, int]:
+    """This rank's virtual stages and the block of the layer split each runs (the same
+    under interleaving; under DualPipe both directions run the same pp blocks)."""
+    return dict(zip(stage_ids(plan, pp_rank), rank_blocks(plan, pp_rank, plan.n_stages),
+                    strict=True))
 
 
 def split_stages(full: Transformer, plan: Plan, pp_rank: int) -> list[Transformer]:
@@ -60,8 +61,7 @@ def split_stages(full: Transformer, plan: Plan, pp_rank: int) -> list[Transforme
     bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
     last = len(counts) - 1
     chunks = []
-    for s in stage_ids(plan, pp_rank):
-        b = stage_block(plan, s)
+    for b in stage_blocks(plan, pp_rank).values():
         m = copy.deepcopy(full)
         for i in range(full.spec.n_layers):
             if not bounds[b] <= i < bounds[b + 1]:

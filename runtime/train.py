@@ -32,7 +32,7 @@ from .grads import GradReducer
 from .measure import MemoryMeter, sync
 from .mesh import Mesh, build_mesh
 from .model import Transformer, init_weights
-from .parallelize import expert_params, parallelize, split_stages, stage_block, stage_ids
+from .parallelize import expert_params, parallelize, split_stages, stage_blocks, stage_ids
 from .pipeline import PipelineRank
 from .routing import RoutingRecorder
 from .support import execution_notes, kernels_on
@@ -102,7 +102,8 @@ def grad_reducer(chunks, mesh: Mesh) -> GradReducer:
     the two lay out their buffers alike) gives each copy the whole batch's gradient."""
     plan = mesh.plan
     experts = set().union(*(expert_params(c) for c in chunks.values()))
-    order = sorted(chunks, key=lambda s: stage_block(plan, s))
+    blocks = stage_blocks(plan, mesh.coord("pp"))
+    order = sorted(chunks, key=blocks.__getitem__)
     params = [p for s in order for p in chunks[s].parameters()]
     jobs = []
     if plan.zero == 0 or mesh.size("dp_cp") == 1:

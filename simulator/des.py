@@ -339,6 +339,7 @@ class _Engine:
         self.env = simpy.Environment()
         plan = cm.plan
         self.split_w = splits_backward(schedule)
+        self.elsewhere = self._replica_clusters()
         base = _hardware(cm, self.split_w)
         self.classes = self._classes()
         by_name = {cm.cluster.name: base}
@@ -378,18 +379,19 @@ class _Engine:
             pp_idx, rest = divmod(rank, plan.dp * inner)
             row = per_replica[rest // inner]
             row[pp_idx] = max(row.get(pp_idx, 1.0), 1.0 + frac)
-        where = dict(self.replica_clusters())
-        for dp_idx in where:
+        for dp_idx in self.elsewhere:
             per_replica.setdefault(dp_idx, {})
         out: list[tuple[ClusterSpec | None, list[float]]] = []
         if len(per_replica) < plan.dp:
             out.append((None, [1.0] * plan.pp))
         for dp_idx in sorted(per_replica):
-            out.append((where.get(dp_idx),
+            out.append((self.elsewhere.get(dp_idx),
                         [per_replica[dp_idx].get(r, 1.0) for r in range(plan.pp)]))
         return out
 
-    def replica_clusters(self) -> list[tuple[int, ClusterSpec]]:
+    def _replica_clusters(self) -> dict[int, ClusterSpec]:
+        """DP replica -> the other cluster it runs on (checked; same-cluster entries left
+        out)."""
         cm = self.cm
         for idx, c in self.opts.replica_clusters:
             require(0 <= idx < cm.plan.dp, "options.replica_clusters",
@@ -400,7 +402,7 @@ class _Engine:
                     f"replica {idx} on {c.name}: {c.n_gpus} GPUs in nodes of "
                     f"{c.node.gpus_per_node}, the plan's cluster has {cm.cluster.n_gpus} in "
                     f"nodes of {cm.cluster.node.gpus_per_node}; the layouts must match")
-        return [(i, c) for i, c in self.opts.replica_clusters if c.name != cm.cluster.name]
+        return {i: c for i, c in self.opts.replica_clusters if c.name != cm.cluster.name}
 
     # ---- data parallelism -----------------------------------------------------------
     def _run_flows(self, rank: _Rank, flows: tuple[_Flow, ...], peer: _Rank | None = None
@@ -652,7 +654,7 @@ class _Engine:
 
 def _peak_flops(cm: PlanCosts, eng: _Engine) -> float:
     """Nominal FLOP/s of every GPU of a mixed job: each replica's on its own device."""
-    where = dict(eng.replica_clusters())
+    where = eng.elsewhere
     per_replica = cm.cluster.n_gpus // cm.plan.dp
     return per_replica * sum(where.get(i, cm.cluster).device.peak_flops_per_s[cm.work.dtype]
                              for i in range(cm.plan.dp))
@@ -674,7 +676,7 @@ def simulate_des(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, pl
     worst = max(eng.ranks, key=lambda r: r.spent["compute"] + r.spent["recompute"])
     time = TimeBreakdown(**{k: worst.spent[k] for k in CATEGORIES})
     dp = [s for s in eng.spans if s.stream == "dp" and s.rank == worst.index]
-    others = tuple(c for _, c in eng.replica_clusters())
+    others = tuple(eng.elsewhere.values())
     result = summarise(cm, step, time, engine="des",
                        comm_s={"dp_total": sum(s.end_s - s.start_s for s in dp)},
                        peak_flops_per_s=_peak_flops(cm, eng) if others else None,

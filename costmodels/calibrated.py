@@ -2,7 +2,10 @@
 
 `meshplan profile` measures this machine (GEMMs over a grid of shapes and dtypes, causal
 attention over sequence lengths, an elementwise kernel over sizes, collectives over
-sizes and process counts, host copies on GPUs) and fits the hardware profile read here:
+sizes and process counts, host copies on GPUs) and fits the hardware profile read here.
+Every kernel is timed with its operands outside the private cache (L2), as a training
+step finds them (`validate.microbench.Scrub`); timed hot, the tables priced a 1-process
+tiny-dense step 24% fast on a CPU. The tables and fits:
 - GEMM time interpolates the measured FLOP rate linearly in (log m, log n, log k); shapes
   beyond the grid take the nearest edge's rate (big GEMMs sit at the roof).
 - Attention interpolates the measured forward and backward FLOP rates in log key length.
@@ -14,9 +17,11 @@ sizes and process counts, host copies on GPUs) and fits the hardware profile rea
 - Host time beyond the ops is a table of per-unit overheads: per layer and per model
   chunk call of the plain model (`validate/opbench.py`), and what each parallel mechanism
   adds per layer or per chunk call (`validate/mechbench.py`).
-- Compute shares the machine when more processes than it has units run at once (CPU
-  processes on shared cores): every compute time is scaled by the slowdown measured with
-  that many processes running the same GEMMs together.
+- Compute shares the machine when several processes run at once (CPU processes on
+  shared cores, memory bandwidth and the last-level cache): every compute time is scaled
+  by the slowdown measured with that many processes running the same GEMMs together; past
+  the largest count measured (the core count on a CPU), by that slowdown times the
+  processes per measured process, the share a fair scheduler gives each.
 """
 
 from __future__ import annotations

@@ -150,7 +150,11 @@ def _add_profile(sub) -> None:
     pr.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     pr.add_argument("--quick", action="store_true",
                     help="smaller GEMM and message grids, no per-mechanism layer timings "
-                         "(about a third of the time; the mechanisms' overheads go unpriced)")
+                         "(about a third of the time; the mechanisms' overheads go unpriced); "
+                         "one sweep of the compute tables unless --sweeps says otherwise")
+    pr.add_argument("--sweeps", type=int,
+                    help="measure the compute tables this many times, the median per row "
+                         "(default 3; a shared machine drifts between sweeps)")
     pr.add_argument("--kernel-table", metavar="KERNELS.json",
                     help="merge benchmarks/bench_kernels.py's measured Triton kernels in as "
                     "the elementwise ops")
@@ -518,8 +522,11 @@ def _profile(args: argparse.Namespace) -> int:
     require(device == "cpu" or torch.cuda.is_available(), "device", "no CUDA device here")
     table = read_json(args.kernel_table, "kernel_table") if args.kernel_table else None
     start = time.perf_counter()
-    quick = QUICK if args.quick else {}
-    prof = measure(ProfileOptions(device=device, processes=procs, dtypes=dtypes, **quick),
+    options = dict(QUICK) if args.quick else {}
+    if args.sweeps is not None:
+        require(args.sweeps >= 1, "sweeps", f"must be at least 1, got {args.sweeps}")
+        options["sweeps"] = args.sweeps
+    prof = measure(ProfileOptions(device=device, processes=procs, dtypes=dtypes, **options),
                    say=lambda m: print(m, file=sys.stderr))
     if table is not None:
         prof = merge_kernel_table(prof, table)

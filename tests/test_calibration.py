@@ -180,3 +180,39 @@ def test_a_small_group_in_a_crowded_job_slows_like_its_compute():
 def replace_concurrency(prof: HardwareProfile, table: dict[str, float]) -> HardwareProfile:
     from dataclasses import replace
     return replace(prof, concurrency=table)
+
+
+def test_more_processes_than_cores_share_them_fairly(monkeypatch):
+    """The profile records the shared-machine slowdown up to the core count only; past
+    it the cost model takes the fair share: 4 processes on 2 cores, each slowed 1.1 by
+    the other core's traffic, run 2 × 1.1 slower than one alone."""
+    from meshplan.validate import profile as prof_mod
+
+    shapes = [(64, 64, 64)]
+    monkeypatch.setattr(prof_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(prof_mod, "_alone", lambda device: {s: 1.0 for s in shapes})
+    monkeypatch.setattr(prof_mod, "_commbench", lambda n, opts: {
+        "collectives": [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]],
+        "gemm": [[*s, 1.1 if n == 2 else 3.0] for s in shapes], "overlap_slowdown": 0.2})
+    device = type("Device", (), {"type": "cpu"})()
+    shared = prof_mod._shared_machine(prof_mod.ProfileOptions(processes=(2, 4)), device,
+                                      say=lambda m: None)
+    assert shared["concurrency"] == {"1": 1.0, "2": pytest.approx(1.1)}
+    assert set(shared["collectives"]) == {"2", "4"}
+    prof = replace_concurrency(synthetic(), shared["concurrency"])
+    assert CalibratedCosts(load_cluster("cpu", gpus=4), prof).slowdown == pytest.approx(2.2)
+
+
+def test_each_table_row_is_the_median_of_the_sweeps():
+    from meshplan.validate.profile import median_rows
+
+    sweeps = [[["fp32", 64, 64, 64, 1.0], ["fp32", 128, 64, 64, 2.0]],
+              [["fp32", 64, 64, 64, 9.0], ["fp32", 128, 64, 64, 2.2]],
+              [["fp32", 64, 64, 64, 1.2], ["fp32", 128, 64, 64, 1.8]]]
+    assert median_rows(sweeps, keys=4) == [["fp32", 64, 64, 64, 1.2],
+                                           ["fp32", 128, 64, 64, 2.0]]
+    two_timed = [[["mlp_norm", 1024, 1.0, 5.0]], [["mlp_norm", 1024, 3.0, 1.0]],
+                 [["mlp_norm", 1024, 2.0, 2.0]]]
+    assert median_rows(two_timed, keys=2) == [["mlp_norm", 1024, 2.0, 2.0]]
+    with pytest.raises(SpecError, match="sweeps measured different rows"):
+        median_rows([[["fp32", 64, 1.0]], [["fp32", 32, 1.0]]], keys=2)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from meshplan.runtime.measure import sync
 
-from .microbench import throughput_time_s
+from .microbench import Scrub, mean_time_s
 
 CONCURRENT_GEMMS = ((256, 384, 128), (512, 512, 512), (1024, 128, 512), (128, 1024, 256))
 
@@ -85,11 +85,11 @@ def _ping_pong(buf: torch.Tensor, reps: int, device: torch.device) -> float:
 
 def concurrent_gemm_rows(device: torch.device) -> list[list]:
     """[m, n, k, seconds] of fp32 GEMMs timed while every rank runs them at once."""
-    rows = []
+    rows, scrub = [], Scrub(device)
     for m, n, k in CONCURRENT_GEMMS:
         a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
         dist.barrier()
-        t = torch.tensor([throughput_time_s(lambda a=a, b=b: a @ b.t(), device)],
+        t = torch.tensor([mean_time_s(lambda a=a, b=b: a @ b.t(), device, scrub=scrub)],
                          dtype=torch.float64, device=device)
         dist.all_reduce(t)
         rows.append([m, n, k, t.item() / dist.get_world_size()])

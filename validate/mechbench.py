@@ -7,8 +7,9 @@ Tensor parallelism through DTensor, ring attention, FSDP2's per-layer hooks and 
 dispatch all spend host time per layer that neither the ops nor the collectives they
 issue account for (sharding propagation, Python, waits). Each is measured the way
 `opbench.overheads` measures the plain layer: the runtime's own model under one plan,
-with 1 and 3 layers, on a sequence so short that compute costs next to nothing; half the
-difference is one layer's forward and backward. `profile.py` subtracts what the cost
+with 1 and 3 layers, on a sequence so short that compute costs next to nothing, their
+calls alternating so that the machine's drift cancels; half the difference is one
+layer's forward and backward. `profile.py` subtracts what the cost
 model already prices for that layer (ops, messages, the plain layer's overhead) and keeps
 the rest. Pipelining is measured per model-chunk call instead: whole pipeline steps with
 2 and 6 micro-batches, whose difference over 4 is one micro-batch's share. Rank 0 writes
@@ -32,7 +33,7 @@ MECHANISMS = {"tp": ("tiny-dense", "tp=2,sp=on"), "cp": ("tiny-dense", "cp=2"),
               "fsdp": ("tiny-dense", "dp=2,zero=3"), "zero2": ("tiny-dense", "dp=2,zero=2"),
               "moe": ("tiny-moe", "dp=2"), "ep": ("tiny-moe", "dp=2,ep=2")}
 SEQ = 16
-REPS = 20
+REPS = 40
 PP_PLAN, PP_MICRO_BATCHES = "pp=2", (2, 6)
 
 
@@ -49,10 +50,31 @@ def plan_file(mechanism: str, layers: int, processes: int) -> PlanFile:
                     plan=plan)
 
 
-def time_layers(pf: PlanFile, device) -> list[float]:
-    """[forward s, backward s] of one micro-batch: the slowest rank's median."""
-    import torch
+def time_layers(pfs: list[PlanFile], device) -> list[list[float]]:
+    """Per plan file, [forward s, backward s] of one micro-batch: the slowest rank's
+    median. The plan files' calls alternate, so a drift of the machine falls on each
+    alike and cancels in their difference."""
     import torch.distributed as dist
+
+    from .microbench import Scrub
+
+    runners = [_layer_runner(pf, device) for pf in pfs]
+    samples: list[tuple[list[float], list[float]]] = [([], []) for _ in pfs]
+    scrub = Scrub(device)
+    for rep in range(REPS + 2):
+        for run, (fwd, bwd) in zip(runners, samples, strict=True):
+            scrub()  # operands outside the private cache, as the profile's tables time them
+            dist.barrier()
+            f, b = run()
+            if rep >= 2:
+                fwd.append(f)
+                bwd.append(b)
+    return [_slowest_median(fwd, bwd) for fwd, bwd in samples]
+
+
+def _layer_runner(pf: PlanFile, device):
+    """A call that runs one micro-batch's forward and backward; returns their seconds."""
+    import torch
 
     from meshplan.runtime.data import rank_micro_batches
     from meshplan.runtime.mesh import build_mesh
@@ -67,17 +89,15 @@ def time_layers(pf: PlanFile, device) -> list[float]:
     batch = torch.randint(0, pf.model.vocab_size, (plan.dp, SEQ + 1))
     (mb,) = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=plan.cp,
                                cp_rank=mesh.coord("cp"), mbs=1, device=device)
-    fwd, bwd = [], []
-    for _ in range(REPS + 2):
-        dist.barrier()
+
+    def run() -> tuple[float, float]:
         t0 = time.perf_counter()
         loss = loss_fn(model(mb.tokens, mb.positions), mb.labels)
         t1 = time.perf_counter()
         loss.backward()
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-    return _slowest_median(fwd[2:], bwd[2:])
+        return t1 - t0, time.perf_counter() - t1
+
+    return run
 
 
 def _slowest_median(*samples: list[float]) -> list[float]:
@@ -99,9 +119,9 @@ def pp_plan_file(micro_batches: int, processes: int) -> PlanFile:
                     plan=plan)
 
 
-def time_pipeline_step(pf: PlanFile, device) -> float:
-    """Seconds of one pipeline step (forward and backward of every micro-batch, no
-    optimizer): the slowest rank's median."""
+def time_pipeline_steps(pfs: list[PlanFile], device) -> list[float]:
+    """Per plan file, seconds of one pipeline step (forward and backward of every
+    micro-batch, no optimizer): the slowest rank's median, the plan files alternating."""
     import torch
     import torch.distributed as dist
 
@@ -109,20 +129,28 @@ def time_pipeline_step(pf: PlanFile, device) -> float:
     from meshplan.runtime.mesh import build_mesh
     from meshplan.runtime.train import build, pipeline_rank
 
-    plan = pf.plan
-    mesh = build_mesh(plan, device.type)
-    chunks = build(pf, mesh, 0, device)
-    rank = pipeline_rank(pf, mesh, chunks, device)
-    batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, SEQ + 1))
-    micro = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=1, cp_rank=0,
-                               mbs=plan.mbs, device=device)
-    times = []
-    for _ in range(REPS // 2 + 2):
-        dist.barrier()
-        t0 = time.perf_counter()
-        rank.step(micro)
-        times.append(time.perf_counter() - t0)
-    return _slowest_median(times[2:])[0]
+    from .microbench import Scrub
+
+    steps = []
+    for pf in pfs:
+        plan = pf.plan
+        mesh = build_mesh(plan, device.type)
+        rank = pipeline_rank(pf, mesh, build(pf, mesh, 0, device), device)
+        batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, SEQ + 1))
+        micro = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=1,
+                                   cp_rank=0, mbs=plan.mbs, device=device)
+        steps.append(lambda rank=rank, micro=micro: rank.step(micro))
+    times: list[list[float]] = [[] for _ in pfs]
+    scrub = Scrub(device)
+    for rep in range(REPS // 2 + 2):
+        for step, out in zip(steps, times, strict=True):
+            scrub()
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            if rep >= 2:
+                out.append(time.perf_counter() - t0)
+    return _slowest_median(*times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,10 +167,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def record() -> dict:
         n = dist.get_world_size()
-        out: dict = {m: {str(layers): time_layers(plan_file(m, layers, n), device)
-                         for layers in (1, 3)} for m in MECHANISMS}
-        out["pp"] = {str(m): time_pipeline_step(pp_plan_file(m, n), device)
-                     for m in PP_MICRO_BATCHES}
+        out: dict = {}
+        for mech in MECHANISMS:
+            one, three = time_layers([plan_file(mech, 1, n), plan_file(mech, 3, n)], device)
+            out[mech] = {"1": one, "3": three}
+        pp = time_pipeline_steps([pp_plan_file(m, n) for m in PP_MICRO_BATCHES], device)
+        out["pp"] = {str(m): t for m, t in zip(PP_MICRO_BATCHES, pp, strict=True)}
         return out
 
     run_worker(a.out, "gloo", record)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,44 +21,106 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 
+def private_cache_bytes(device: torch.device) -> int:
+    """The cache a benchmark loop keeps its operands in that a training step does not:
+    one CPU core's L2 (Linux sysfs) or the GPU's L2. Between two uses of a tensor a
+    training step streams far more than this through it (the rest of the layer, the other
+    layers, the other micro-batches), so in a step every kernel finds its operands outside
+    it; a loop that calls one kernel on the same tensors finds them inside."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(root.glob("index*")):
+        if (index / "level").read_text().strip() == "2":
+            return _parse_size((index / "size").read_text().strip())
+    raise RuntimeError(f"cannot find this CPU's L2 size under {root}")
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+class Scrub:
+    """Evicts the private cache before a timed call by writing twice its size (as
+    `triton.testing.do_bench` clears the GPU's L2 between runs); the write is not timed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buf = torch.empty(2 * private_cache_bytes(device) // 4, device=device)
+
+    def __call__(self) -> None:
+        self.buf.zero_()
+        sync(self.device)
+
+
 def time_s(fn: Callable[[], object], device: torch.device, min_s: float = 0.02,
-           min_reps: int = 3, max_reps: int = 200) -> float:
-    """Median seconds of one call of `fn` (after one warm-up call)."""
+           min_reps: int = 3, max_reps: int = 200, scrub: Scrub | None = None) -> float:
+    """Median seconds of one call of `fn` (after one warm-up call), each call after
+    `scrub` when given (the operands then come from beyond the private cache). Calls
+    repeat until `min_s` of wall time, scrubs included, or `max_reps`."""
     fn()
     sync(device)
     times: list[float] = []
-    spent = 0.0
-    while len(times) < min_reps or (spent < min_s and len(times) < max_reps):
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_s
+                                    and len(times) < max_reps):
+        if scrub is not None:
+            scrub()
         t0 = time.perf_counter()
         fn()
         sync(device)
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def throughput_time_s(fn: Callable[[], object], device: torch.device,
-                      min_s: float = 0.3) -> float:
-    """Mean seconds per call over calls back to back for at least `min_s`. Unlike the
-    median of single calls, this sees time-slicing when processes share cores."""
+def alternating_time_s(fns: list[Callable[[], object]], device: torch.device,
+                       min_s: float = 0.04, min_reps: int = 3, max_reps: int = 200,
+                       scrub: Scrub | None = None) -> list[float]:
+    """Median seconds of one call of each of `fns`, their calls alternating (each after
+    `scrub` when given) so that a drift of the machine falls on all of them alike: what
+    differences of these times (a backward as forward+backward less forward, a layer as
+    3 layers less 1) need."""
+    for fn in fns:
+        fn()
+    sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or (time.perf_counter() - start < min_s
+                                       and len(times[0]) < max_reps):
+        for fn, out in zip(fns, times, strict=True):
+            if scrub is not None:
+                scrub()
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def mean_time_s(fn: Callable[[], object], device: torch.device, min_s: float = 0.3,
+                scrub: Scrub | None = None) -> float:
+    """Mean seconds of one call over calls for at least `min_s` of wall time, each after
+    `scrub` when given (untimed). Unlike the median, the mean sees time-slicing when
+    processes share cores: a call that is preempted counts its wait."""
     fn()
     sync(device)
-    calls, t0 = 0, time.perf_counter()
-    while True:
+    total, calls, start = 0.0, 0, time.perf_counter()
+    while calls < 4 or time.perf_counter() - start < min_s:
+        if scrub is not None:
+            scrub()
+        t0 = time.perf_counter()
         fn()
+        sync(device)
+        total += time.perf_counter() - t0
         calls += 1
-        if calls % 4 == 0:
-            sync(device)
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min_s:
-                return elapsed / calls
+    return total / calls
 
 
 def gemm_rows(sizes: Iterable[int], dtypes: Iterable[str], device: torch.device,
               max_flops: float, progress=None) -> list[list]:
     """[dtype, m, n, k, seconds] for every m, n, k in `sizes` (x @ w.T, as nn.Linear does)."""
-    rows = []
+    rows, scrub = [], Scrub(device)
     sizes = list(sizes)
     for dtype in dtypes:
         dt = DTYPES[dtype]
@@ -70,14 +133,15 @@ def gemm_rows(sizes: Iterable[int], dtypes: Iterable[str], device: torch.device,
                         continue
                     a = torch.randn(m, k, device=device, dtype=dt)
                     b = torch.randn(n, k, device=device, dtype=dt)
-                    rows.append([dtype, m, n, k, time_s(lambda a=a, b=b: a @ b.t(), device)])
+                    rows.append([dtype, m, n, k, time_s(lambda a=a, b=b: a @ b.t(), device,
+                                                             scrub=scrub)])
     return rows
 
 
 def attention_rows(seqs: Iterable[int], head_dims: Iterable[int], dtypes: Iterable[str],
                    device: torch.device, heads: int = 4, max_flops: float = 2e9) -> list[list]:
     """[dtype, seq, head_dim, flops, forward s, backward s] of causal SDPA, batch 1."""
-    rows = []
+    rows, scrub = [], Scrub(device)
     for dtype in dtypes:
         for d in head_dims:
             for s in seqs:
@@ -90,24 +154,23 @@ def attention_rows(seqs: Iterable[int], head_dims: Iterable[int], dtypes: Iterab
                 def fwd(q=q, k=k, v=v):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-                out = fwd()
-                grad = torch.ones_like(out)
-                f_s = time_s(fwd, device)
-                both = time_s(lambda out=out, grad=grad, q=q, k=k, v=v: torch.autograd.grad(
-                    fwd(q, k, v), (q, k, v), grad), device)
+                grad = torch.ones_like(fwd())
+                f_s, both = alternating_time_s(
+                    [fwd, lambda grad=grad, q=q, k=k, v=v: torch.autograd.grad(
+                        fwd(q, k, v), (q, k, v), grad)], device, scrub=scrub)
                 rows.append([dtype, s, d, flops, f_s, max(both - f_s, 0.0)])
     return rows
 
 
 def memory_rows(sizes_bytes: Iterable[int], device: torch.device) -> list[list]:
     """[bytes moved, seconds] of an out-of-place fp32 add (reads 2 x, writes 1 x)."""
-    rows = []
+    rows, scrub = [], Scrub(device)
     for nbytes in sizes_bytes:
         n = max(1, nbytes // 12)
         a, b = torch.randn(n, device=device), torch.randn(n, device=device)
         out = torch.empty_like(a)
         rows.append([12 * n, time_s(lambda a=a, b=b, out=out: torch.add(a, b, out=out),
-                                    device)])
+                                    device, scrub=scrub)])
     return rows
 
 
@@ -125,7 +188,7 @@ def host_copy_rows(sizes_bytes: Iterable[int], device: torch.device) -> list[lis
 
 def optimizer_rows(name: str, device: torch.device) -> list[list]:
     """[tensors, parameters, seconds] of one torch.optim step (as the runtime makes it)."""
-    rows = []
+    rows, scrub = [], Scrub(device)
     for tensors in (4, 32):
         for size in (1_000, 100_000, 1_000_000):
             params = [torch.nn.Parameter(torch.randn(size, device=device))
@@ -134,5 +197,5 @@ def optimizer_rows(name: str, device: torch.device) -> list[list]:
                 p.grad = torch.randn_like(p)
             opt = (torch.optim.SGD(params, lr=1e-3, momentum=0.9) if name == "sgd"
                    else torch.optim.Adam(params, lr=1e-3))
-            rows.append([tensors, tensors * size, time_s(opt.step, device)])
+            rows.append([tensors, tensors * size, time_s(opt.step, device, scrub=scrub)])
     return rows

@@ -20,7 +20,7 @@ from meshplan.costmodels.flops import Shard, embedding_ops, head_ops, layer_ops
 from meshplan.runtime.model import apply_rope, rope_tables
 from meshplan.runtime.train import loss_fn
 
-from .microbench import time_s
+from .microbench import Scrub, alternating_time_s
 
 WIDTHS = ((128, 344, 512), (512, 1376, 2048))  # (hidden, ffn, vocab)
 TOKENS = (128, 512, 2048, 8192)
@@ -51,19 +51,20 @@ def _blocks(h: int, ffn: int, vocab: int, t: int, heads: int, kv: int
             "embedding": (lambda: [embed(tokens)], [embed.weight])}
 
 
-def _time_block(fwd, leaves, device: torch.device) -> tuple[float, float]:
+def _time_block(fwd, leaves, device: torch.device, scrub: Scrub) -> tuple[float, float]:
     """(forward s, backward s): backward is forward+backward less forward."""
     def both():
         outs = fwd()
         torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
 
-    f = time_s(fwd, device)
-    return f, max(time_s(both, device) - f, 0.0)
+    f, fb = alternating_time_s([fwd, both], device, scrub=scrub)
+    return f, max(fb - f, 0.0)
 
 
 def op_rows(dtypes: tuple[str, ...], device: torch.device) -> dict[str, dict[str, list]]:
     """dtype -> op name -> rows [nominal bytes, forward s, backward s]."""
     out: dict[str, dict[str, list]] = {}
+    scrub = Scrub(device)
     for dtype in dtypes:
         act_bytes = 4 if dtype == "fp32" else 2
         lowp = None if dtype == "fp32" else getattr(torch, {"bf16": "bfloat16",
@@ -83,7 +84,7 @@ def op_rows(dtypes: tuple[str, ...], device: torch.device) -> dict[str, dict[str
                 with torch.autocast("cpu", dtype=lowp, enabled=lowp is not None):
                     for name, (fwd, leaves) in blocks.items():
                         if name in ops:
-                            f, b = _time_block(fwd, leaves, device)
+                            f, b = _time_block(fwd, leaves, device, scrub)
                             table.setdefault(name, []).append([ops[name].bytes, f, b])
         out[dtype] = table
     return out
@@ -100,7 +101,7 @@ def overheads(costs, dtype: str, device: torch.device) -> dict[str, list[float]]
 
     t = 16
     act_bytes = 4 if dtype == "fp32" else 2
-    measured = {}
+    calls = []
     for layers in (1, 3):
         spec = _tiny_spec(layers)
         model = Transformer(spec).to(device)
@@ -111,9 +112,9 @@ def overheads(costs, dtype: str, device: torch.device) -> dict[str, list[float]]
         def fwd(model=model, tokens=tokens, pos=pos):
             return loss_fn(model(tokens, pos), tokens)
 
-        f = time_s(fwd, device, min_s=0.2)
-        fb = time_s(lambda fwd=fwd: fwd().backward(), device, min_s=0.2)
-        measured[layers] = (f, max(fb - f, 0.0))
+        calls += [fwd, lambda fwd=fwd: fwd().backward()]
+    f1, fb1, f3, fb3 = alternating_time_s(calls, device, min_s=0.8, scrub=Scrub(device))
+    measured = {1: (f1, max(fb1 - f1, 0.0)), 3: (f3, max(fb3 - f3, 0.0))}
     spec = _tiny_spec(1)
     s = Shard(mbs=1, seq=t, tp=1, cp=1, sp=False, ep=1, etp=1, attn="flash",
               act_bytes=act_bytes)

@@ -40,9 +40,11 @@ class ProfileOptions:
     max_gemm_flops: float = 4e9
     comm_sizes: tuple[int, ...] = COMM_SIZES
     mechanisms: bool = True  # time each parallel mechanism's layer (the slowest part)
+    sweeps: int = 3  # single-process tables: measured this many times, median per row
 
 
-QUICK = {"gemm_sizes": GEMM_SIZES[:6], "comm_sizes": COMM_SIZES[:6], "mechanisms": False}
+QUICK = {"gemm_sizes": GEMM_SIZES[:6], "comm_sizes": COMM_SIZES[:6], "mechanisms": False,
+         "sweeps": 1}
 
 
 def fit_line(x: list[float], t: list[float]) -> tuple[float, float]:
@@ -171,34 +173,31 @@ def _priced(prof: HardwareProfile, pf):
 
 
 def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:
-    """GEMM, attention, the runtime's memory-bound ops, optimizer steps, bandwidth."""
+    """GEMM, attention, the runtime's memory-bound ops, optimizer steps, bandwidth: each
+    table measured `opts.sweeps` times, one whole sweep after another, each row the median
+    over the sweeps. A shared machine drifts over seconds (on this VM a table measured five
+    times in a row moved by up to 40%), and a row timed once catches one moment of it."""
     import torch
 
-    from . import microbench as mb
-    from .opbench import op_rows
-
-    gemm = {d: [] for d in opts.dtypes}
-    with _bar(len(opts.gemm_sizes) ** 3 * len(opts.dtypes), "GEMM") as tick:
-        for row in mb.gemm_rows(opts.gemm_sizes, opts.dtypes, device, opts.max_gemm_flops, tick):
-            gemm[row[0]].append(row[1:])
-    say("attention ...")
-    attention = {d: [] for d in opts.dtypes}
-    for row in mb.attention_rows(ATTN_SEQS, ATTN_HEAD_DIMS, opts.dtypes, device):
-        attention[row[0]].append(row[1:])
-    say("the runtime's memory-bound ops ...")
-    elementwise = op_rows(opts.dtypes, device) if device.type == "cpu" else {}
-    say("optimizer steps ...")
-    optimizer = {}
-    for name in ("adam", "sgd"):
-        rows = mb.optimizer_rows(name, device)
-        optimizer[name] = list(fit_plane([r[0] for r in rows], [r[1] for r in rows],
-                                         [r[2] for r in rows]))
-    say("memory bandwidth ...")
-    mem = mb.memory_rows(MEMORY_SIZES, device)
-    launch, s_per_byte = fit_line([b for b, _ in mem], [t for _, t in mem])
+    sweeps = []
+    for i in range(opts.sweeps):
+        say(f"compute tables, sweep {i + 1} of {opts.sweeps} ...")
+        sweeps.append(_sweep(opts, device))
+    t = {name: median_rows([sw[name] for sw in sweeps], keys)
+         for name, keys in SWEEP_KEYS.items()}
+    gemm = {d: [r[1:] for r in t["gemm"] if r[0] == d] for d in opts.dtypes}
+    attention = {d: [r[1:] for r in t["attention"] if r[0] == d] for d in opts.dtypes}
+    elementwise: dict[str, dict[str, list]] = {}
+    for dtype, op, *row in t["elementwise"]:
+        elementwise.setdefault(dtype, {}).setdefault(op, []).append(row)
+    optimizer = {name: list(fit_plane(*zip(*[r[1:] for r in t["optimizer"] if r[0] == name],
+                                            strict=True)))
+                 for name in OPTIMIZERS}
+    launch, s_per_byte = fit_line(*zip(*t["memory"], strict=True))
     host = None
     if device.type == "cuda":
-        copies = mb.host_copy_rows([2**26], device)
+        from .microbench import host_copy_rows
+        copies = host_copy_rows([2**26], device)
         host = copies[0][0] / max(copies[0][1], copies[0][2])
     return HardwareProfile(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -206,7 +205,43 @@ def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:
         memory_bw_bytes_per_s=1.0 / s_per_byte if s_per_byte else float("inf"),
         kernel_overhead_s=launch, collectives={}, concurrency={"1": 1.0},
         host_copy_bytes_per_s=host, elementwise=elementwise, optimizer=optimizer,
-        source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs")
+        source=f"meshplan profile, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+               f"tables the median of {opts.sweeps} sweeps")
+
+
+OPTIMIZERS = ("adam", "sgd")
+# table -> how many leading columns name the row (the rest are seconds)
+SWEEP_KEYS = {"gemm": 4, "attention": 4, "elementwise": 3, "optimizer": 3, "memory": 1}
+
+
+def _sweep(opts: ProfileOptions, device) -> dict[str, list[list]]:
+    """Every single-process table once, as flat rows in a fixed order."""
+    from . import microbench as mb
+    from .opbench import op_rows
+
+    with _bar(len(opts.gemm_sizes) ** 3 * len(opts.dtypes), "GEMM") as tick:
+        gemm = mb.gemm_rows(opts.gemm_sizes, opts.dtypes, device, opts.max_gemm_flops, tick)
+    ops = op_rows(opts.dtypes, device) if device.type == "cpu" else {}
+    return {
+        "gemm": gemm,
+        "attention": mb.attention_rows(ATTN_SEQS, ATTN_HEAD_DIMS, opts.dtypes, device),
+        "elementwise": [[d, op, *row] for d, table in ops.items()
+                        for op, rows in table.items() for row in rows],
+        "optimizer": [[name, *row] for name in OPTIMIZERS
+                      for row in mb.optimizer_rows(name, device)],
+        "memory": mb.memory_rows(MEMORY_SIZES, device)}
+
+
+def median_rows(sweeps: list[list[list]], keys: int) -> list[list]:
+    """Row by row over sweeps that list the same rows in the same order: the `keys`
+    leading columns, then the median of each timed column."""
+    out = []
+    for rows in zip(*sweeps, strict=True):
+        require(all(r[:keys] == rows[0][:keys] for r in rows), "profile",
+                f"sweeps measured different rows: {[r[:keys] for r in rows]}")
+        out.append([*rows[0][:keys],
+                    *(float(np.median([r[c] for r in rows])) for c in range(keys, len(rows[0])))])
+    return out
 
 
 def _shared_machine(opts: ProfileOptions, device, say) -> dict:
@@ -218,17 +253,27 @@ def _shared_machine(opts: ProfileOptions, device, say) -> dict:
     question: on this VM that ratio came out 0.97-1.05 for 2 processes while runtime
     steps ran 20-40% slower than predicted with it.) This process times the GEMMs just
     before and just after each job, so a drift of the shared machine in between is
-    averaged out."""
+    averaged out.
+
+    With more processes than cores the operating system shares each core among them
+    (CFS gives runnable tasks equal shares), so no slowdown is recorded for those counts:
+    the cost model takes the one at the core count times processes / cores
+    (`calibrated._nearest`). Measured instead, 4 processes on this VM's 2 cores gave 2.04
+    in one profile and 2.74 in the next, 1.8-2.9 shape to shape, while 4-process runtime
+    steps ran at the fair share."""
     collectives, concurrency, overlap = {}, {"1": 1.0}, {}
+    cores = len(os.sched_getaffinity(0)) if device.type == "cpu" else max(opts.processes)
     for n in opts.processes:
         say(f"collectives and shared compute with {n} processes ...")
-        before = _alone(device)
+        shared = n <= cores
+        before = _alone(device) if shared else {}
         rec = _commbench(n, opts)
-        after = _alone(device)
-        alone = {shape: (before[shape] + after[shape]) / 2 for shape in before}
         collectives[str(n)] = fit_collectives(rec["collectives"], n)
-        concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
         overlap[str(n)] = rec["overlap_slowdown"]
+        if shared:
+            after = _alone(device)
+            alone = {shape: (before[shape] + after[shape]) / 2 for shape in before}
+            concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
     return {"collectives": collectives, "concurrency": concurrency,
             "overlap_slowdown": overlap}
 
@@ -239,10 +284,10 @@ def _alone(device) -> dict[tuple, float]:
     from . import microbench as mb
     from .commbench import CONCURRENT_GEMMS
 
-    out = {}
+    out, scrub = {}, mb.Scrub(device)
     for m, n, k in CONCURRENT_GEMMS:
         a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
-        out[(m, n, k)] = mb.throughput_time_s(lambda a=a, b=b: a @ b.t(), device)
+        out[(m, n, k)] = mb.mean_time_s(lambda a=a, b=b: a @ b.t(), device, scrub=scrub)
     return out
 
 

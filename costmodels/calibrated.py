@@ -14,6 +14,11 @@ tiny-dense step 24% fast on a CPU. The tables and fits:
   and β fitted per operation and group size; groups that span nodes, which one machine
   cannot measure, fall back to the nominal model. A group smaller than the job slows as
   the job's processes crowd the machine (the concurrency ratio below).
+- Ops inside a training step run slower than the tables, timed one kernel at a time,
+  price them (operands in the last-level cache or memory rather than just written, code
+  and branch history cold): every op's time is multiplied by the profile's
+  `in_situ_factor`, measured on a reference model that the validation suite does not
+  run (`validate.opbench.in_situ_factor`; 1.14-1.17 on this VM).
 - Host time beyond the ops is a table of per-unit overheads: per layer and per model
   chunk call of the plain model (`validate/opbench.py`), and what each parallel mechanism
   adds per layer or per chunk call (`validate/mechbench.py`).
@@ -63,6 +68,9 @@ class HardwareProfile:
     overheads: dict[str, list[float]] = field(default_factory=dict)
     # str(processes) -> how much slower compute runs while its rank communicates
     overlap_slowdown: dict[str, float] = field(default_factory=dict)
+    # how much slower ops run inside a training step than the tables price them
+    # (`validate.opbench.in_situ_factor`); multiplies every op's time
+    in_situ_factor: float = 1.0
     source: str = ""
 
 
@@ -82,6 +90,8 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
                 "rows must be [m, n, k, seconds > 0]")
     require(prof.memory_bw_bytes_per_s > 0, "profile.memory_bw_bytes_per_s",
             f"must be positive, got {prof.memory_bw_bytes_per_s}")
+    require(prof.in_situ_factor > 0, "profile.in_situ_factor",
+            f"must be positive, got {prof.in_situ_factor}")
     return prof
 
 
@@ -140,6 +150,7 @@ class CalibratedCosts:
                             if rows}
         procs = min(cluster.n_gpus, cluster.node.gpus_per_node)
         self.slowdown = _nearest(profile.concurrency, procs, default=1.0)
+        self.op_scale = self.slowdown * profile.in_situ_factor  # every op's time
 
     def _table(self, tables: dict, dtype: str, what: str):
         for d in (dtype, "bf16" if dtype == "fp8" else dtype):
@@ -152,19 +163,19 @@ class CalibratedCosts:
         if m <= 0 or n <= 0 or k <= 0:
             return 0.0
         rate = self._table(self.gemm_tables, dtype, "GEMM").rate(m, n, k)
-        return batch * 2.0 * m * n * k / rate * self.slowdown
+        return batch * 2.0 * m * n * k / rate * self.op_scale
 
     def attention_s(self, dtype: str, flops: float, kv_len: int,
                     backward: bool = False) -> float:
         if flops <= 0:
             return 0.0
         table = self._table(self.attn_tables, dtype, "attention")
-        return flops / table.rate(kv_len, backward) * self.slowdown
+        return flops / table.rate(kv_len, backward) * self.op_scale
 
     def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
         p = self.profile
         return (kernels * p.kernel_overhead_s
-                + traffic_bytes / p.memory_bw_bytes_per_s) * self.slowdown
+                + traffic_bytes / p.memory_bw_bytes_per_s) * self.op_scale
 
     def overhead_s(self, unit: str, backward: bool) -> float:
         pair = self.profile.overheads.get(unit)
@@ -199,7 +210,7 @@ class CalibratedCosts:
             return self.memory_s(traffic)
         backward = name != base
         x = nbytes / 2 if backward else nbytes  # `flops.backward` doubles the bytes
-        return _loglog(rows, x, 2 if backward else 1) * self.slowdown
+        return _loglog(rows, x, 2 if backward else 1) * self.op_scale
 
     def collective_s(self, group: coll.Group, op: coll.Collective, size_bytes: float) -> float:
         if group.size <= 1 or size_bytes <= 0:

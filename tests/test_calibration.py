@@ -188,12 +188,12 @@ def test_more_processes_than_cores_share_them_fairly(monkeypatch):
     the other core's traffic, run 2 × 1.1 slower than one alone."""
     from meshplan.validate import profile as prof_mod
 
-    shapes = [(64, 64, 64)]
     monkeypatch.setattr(prof_mod.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(prof_mod, "_alone", lambda device: {s: 1.0 for s in shapes})
     monkeypatch.setattr(prof_mod, "_commbench", lambda n, opts: {
         "collectives": [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]],
-        "gemm": [[*s, 1.1 if n == 2 else 3.0] for s in shapes], "overlap_slowdown": 0.2})
+        "gemm": [[64, 64, 64, 2.2 if n == 2 else 9.0, 2.0],  # [m, n, k, together, alone]
+                 [128, 64, 64, 1.0, 1.0], [64, 128, 64, 3.3, 3.0]],
+        "overlap_slowdown": 0.2})
     device = type("Device", (), {"type": "cpu"})()
     shared = prof_mod._shared_machine(prof_mod.ProfileOptions(processes=(2, 4)), device,
                                       say=lambda m: None)
@@ -216,3 +216,23 @@ def test_each_table_row_is_the_median_of_the_sweeps():
     assert median_rows(two_timed, keys=2) == [["mlp_norm", 1024, 2.0, 2.0]]
     with pytest.raises(SpecError, match="sweeps measured different rows"):
         median_rows([[["fp32", 64, 1.0]], [["fp32", 32, 1.0]]], keys=2)
+
+
+def test_the_in_situ_factor_scales_ops_but_not_host_time_or_messages():
+    from dataclasses import replace
+
+    base = replace(synthetic(), overheads={"layer": [1e-3, 2e-3]})
+    slow = replace(base, in_situ_factor=1.25)
+    cluster = load_cluster("cpu", gpus=2)
+    a, b = CalibratedCosts(cluster, base), CalibratedCosts(cluster, slow)
+    assert b.gemm_s("fp32", 256, 256, 256) == pytest.approx(1.25 * a.gemm_s("fp32", 256, 256, 256))
+    assert b.attention_s("fp32", 1e9, 512) == pytest.approx(1.25 * a.attention_s("fp32", 1e9, 512))
+    assert b.memory_s(1e8) == pytest.approx(1.25 * a.memory_s(1e8))
+    assert b.mem_op_s("fp32", "mlp_norm", 1e6, True) == pytest.approx(
+        1.25 * a.mem_op_s("fp32", "mlp_norm", 1e6, True))
+    assert b.overhead_s("layer", True) == a.overhead_s("layer", True)
+    g = coll.Group(size=2, per_node=2)
+    assert b.collective_s(g, "all_reduce", 1e6) == a.collective_s(g, "all_reduce", 1e6)
+    bad = profile_to_dict(slow) | {"in_situ_factor": 0.0}
+    with pytest.raises(SpecError, match="in_situ_factor"):
+        profile_from_dict(bad)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -83,16 +84,29 @@ def _ping_pong(buf: torch.Tensor, reps: int, device: torch.device) -> float:
     return _timed(once, reps, device) / 2
 
 
-def concurrent_gemm_rows(device: torch.device) -> list[list]:
-    """[m, n, k, seconds] of fp32 GEMMs timed while every rank runs them at once."""
+def concurrent_gemm_rows(device: torch.device, rounds: int = 3) -> list[list]:
+    """[m, n, k, together s, alone s] of fp32 GEMMs timed on every rank at once and on
+    rank 0 alone (the other ranks waiting in a barrier), the two alternating `rounds`
+    times so that a drift of the machine falls on both alike: medians over the rounds,
+    `together` averaged over the ranks."""
     rows, scrub = [], Scrub(device)
+    first = dist.get_rank() == 0
     for m, n, k in CONCURRENT_GEMMS:
         a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
-        dist.barrier()
-        t = torch.tensor([mean_time_s(lambda a=a, b=b: a @ b.t(), device, scrub=scrub)],
+        together, alone = [], []
+        for _ in range(rounds):
+            dist.barrier()
+            if first:
+                alone.append(mean_time_s(lambda a=a, b=b: a @ b.t(), device, min_s=0.15,
+                                         scrub=scrub))
+            dist.barrier()
+            together.append(mean_time_s(lambda a=a, b=b: a @ b.t(), device, min_s=0.15,
+                                        scrub=scrub))
+        t = torch.tensor([statistics.median(together),
+                          statistics.median(alone) if first else 0.0],
                          dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        rows.append([m, n, k, t.item() / dist.get_world_size()])
+        rows.append([m, n, k, t[0].item() / dist.get_world_size(), t[1].item()])
     return rows
 
 

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from meshplan.core.model import ModelSpec
 from meshplan.costmodels.flops import Shard, embedding_ops, head_ops, layer_ops
 from meshplan.runtime.model import apply_rope, rope_tables
-from meshplan.runtime.train import loss_fn
+from meshplan.runtime.train import _autocast, loss_fn
 
-from .microbench import Scrub, alternating_time_s
+from .microbench import Scrub, alternating_time_s, time_s
 
 WIDTHS = ((128, 344, 512), (512, 1376, 2048))  # (hidden, ffn, vocab)
 TOKENS = (128, 512, 2048, 8192)
@@ -128,6 +128,45 @@ def overheads(costs, dtype: str, device: torch.device) -> dict[str, list[float]]
     per_call = [max(measured[1][i] - per_layer[i] - priced_layer[i] - priced_ends[i], 0.0)
                 for i in (0, 1)]
     return {"layer": per_layer, "stage": per_call}
+
+
+# A model the validation suite does not run, big enough that its ops, not the host, take
+# the time: hidden 192, 2 layers, 2 sequences of 192 tokens.
+REFERENCE = ModelSpec(name="in-situ reference", n_layers=2, hidden_size=192, n_heads=6,
+                      n_kv_heads=2, head_dim=32, ffn_hidden_size=512, vocab_size=1024)
+REFERENCE_MBS, REFERENCE_SEQ = 2, 192
+
+
+def in_situ_factor(costs, dtype: str, device: torch.device) -> float:
+    """How much slower the runtime's ops run inside a training step than `costs` prices
+    them from the tables: a reference model's forward and backward, run back to back as
+    training runs them, over what `costs` prices for it (its ops, and the per-layer and
+    per-call overheads already fitted). Inside a step a kernel finds some operands in the
+    last-level cache or in memory, its code and branch history cold, the allocator busy;
+    timed alone, with only the private cache scrubbed, it finds none of that."""
+    from meshplan.costmodels.flops import backward
+    from meshplan.runtime.model import Transformer, init_weights
+    from meshplan.simulator.analytical import ops_time_s
+
+    spec, mbs, seq = REFERENCE, REFERENCE_MBS, REFERENCE_SEQ
+    model = Transformer(spec).to(device)
+    init_weights(model, 0)
+    tokens = torch.randint(0, spec.vocab_size, (mbs, seq), device=device)
+    pos = torch.arange(seq, device=device)
+
+    def step():
+        with _autocast(dtype, device):  # as the runtime runs it
+            loss = loss_fn(model(tokens, pos), tokens)
+        loss.backward()
+
+    measured = time_s(step, device, min_s=2.0)
+    s = Shard(mbs=mbs, seq=seq, tp=1, cp=1, sp=False, ep=1, etp=1, attn="flash",
+              act_bytes=4 if dtype == "fp32" else 2)
+    ops = spec.n_layers * layer_ops(spec, s, False) + embedding_ops(spec, s) + head_ops(spec, s)
+    priced = ops_time_s(costs, dtype, ops, True) + ops_time_s(costs, dtype, backward(ops), True)
+    host = sum(spec.n_layers * costs.overhead_s("layer", b) + costs.overhead_s("stage", b)
+               for b in (False, True))
+    return (measured - host) / priced
 
 
 def _tiny_spec(layers: int) -> ModelSpec:

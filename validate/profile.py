@@ -73,11 +73,11 @@ def fit_collectives(rows: list[list], n: int) -> dict[str, list[float]]:
     return out
 
 
-def concurrency_slowdown(together: list[list], alone: dict[tuple, float]) -> float:
-    """Median over shapes of (time in an N-process job, all ranks at once) / (time in this
-    process alone); the median resists a shape caught by interference from outside."""
-    ratios = [t / alone[(m, n, k)] for m, n, k, t in together if (m, n, k) in alone]
-    return float(np.median(ratios)) if ratios else 1.0
+def concurrency_slowdown(rows: list[list]) -> float:
+    """Median over shapes of (time with every rank running, time with one rank alone),
+    rows [m, n, k, together s, alone s] (`commbench.concurrent_gemm_rows`); the median
+    resists a shape caught by interference from outside."""
+    return float(np.median([t / alone for *_, t, alone in rows])) if rows else 1.0
 
 
 def measure(opts: ProfileOptions, say=print) -> dict:
@@ -87,14 +87,17 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     from meshplan.costmodels.calibrated import CalibratedCosts
     from meshplan.loaders import load_cluster
 
-    from .opbench import overheads
+    from .opbench import in_situ_factor, overheads
 
     torch.set_num_threads(1)
     device = torch.device("cuda" if opts.device == "cuda" else "cpu")
     prof = _single_process(opts, device, say)
     say("per-layer host overhead ...")  # what the tables just measured leave unexplained
-    costs = CalibratedCosts(load_cluster("cpu", gpus=1), prof)
-    prof = replace(prof, overheads=overheads(costs, opts.dtypes[0], device))
+    one = load_cluster("cpu", gpus=1)
+    prof = replace(prof, overheads=overheads(CalibratedCosts(one, prof), opts.dtypes[0], device))
+    say("ops inside a training step against the tables ...")
+    prof = replace(prof, in_situ_factor=in_situ_factor(CalibratedCosts(one, prof),
+                                                       opts.dtypes[0], device))
     prof = replace(prof, **_shared_machine(opts, device, say))
     if opts.mechanisms and device.type == "cpu" and 2 in opts.processes:
         say("per-layer cost of each parallel mechanism with 2 processes ...")
@@ -248,12 +251,11 @@ def _shared_machine(opts: ProfileOptions, device, say) -> dict:
     """Collectives and the compute slowdown with 2..N processes at once.
 
     The slowdown is what the cost model needs: how much slower a GEMM runs on a rank of
-    an N-process job, all ranks busy, than in this profiling process, where the tables
-    were timed. (Timing a rank alone and together inside the job answers another
-    question: on this VM that ratio came out 0.97-1.05 for 2 processes while runtime
-    steps ran 20-40% slower than predicted with it.) This process times the GEMMs just
-    before and just after each job, so a drift of the shared machine in between is
-    averaged out.
+    an N-process job, all ranks busy, than on a rank alone. Both are timed inside the job,
+    alternating (`commbench.concurrent_gemm_rows`). Timed instead in the profiling process
+    before and after each job, "alone" came out up to 1.6x slower than "together" (a
+    slowdown of 0.63 for 2 processes): a drift of the machine between the timings, not
+    an effect of the other process.
 
     With more processes than cores the operating system shares each core among them
     (CFS gives runnable tasks equal shares), so no slowdown is recorded for those counts:
@@ -265,30 +267,13 @@ def _shared_machine(opts: ProfileOptions, device, say) -> dict:
     cores = len(os.sched_getaffinity(0)) if device.type == "cpu" else max(opts.processes)
     for n in opts.processes:
         say(f"collectives and shared compute with {n} processes ...")
-        shared = n <= cores
-        before = _alone(device) if shared else {}
         rec = _commbench(n, opts)
         collectives[str(n)] = fit_collectives(rec["collectives"], n)
         overlap[str(n)] = rec["overlap_slowdown"]
-        if shared:
-            after = _alone(device)
-            alone = {shape: (before[shape] + after[shape]) / 2 for shape in before}
-            concurrency[str(n)] = concurrency_slowdown(rec["gemm"], alone)
+        if n <= cores:
+            concurrency[str(n)] = concurrency_slowdown(rec["gemm"])
     return {"collectives": collectives, "concurrency": concurrency,
             "overlap_slowdown": overlap}
-
-
-def _alone(device) -> dict[tuple, float]:
-    import torch
-
-    from . import microbench as mb
-    from .commbench import CONCURRENT_GEMMS
-
-    out, scrub = {}, mb.Scrub(device)
-    for m, n, k in CONCURRENT_GEMMS:
-        a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
-        out[(m, n, k)] = mb.mean_time_s(lambda a=a, b=b: a @ b.t(), device, scrub=scrub)
-    return out
 
 
 def peaks(p: HardwareProfile) -> dict[str, float]:

@@ -32,6 +32,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def host_cpu_ticks(stat: str | None = None) -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs so far, from the first line of /proc/stat
+    (user nice system idle iowait irq softirq steal ...); None where there is none.
+    Steal is time a virtual CPU was ready to run while the hypervisor ran another guest."""
+    if stat is None:
+        try:
+            with open("/proc/stat") as f:
+                stat = f.readline()
+        except OSError:
+            return None
+    fields = stat.split()
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None
+                   ) -> float | None:
+    """The share of the CPUs' time between two `host_cpu_ticks` readings that was stolen."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def live_tensor_bytes() -> int:
     """Bytes of the distinct CPU tensor storages the garbage collector can reach."""
     seen, total = set(), 0

@@ -29,7 +29,7 @@ from meshplan.kernels.cross_entropy import cross_entropy
 from . import checkpoint as ckpt
 from .data import SyntheticData, TokenFile, rank_micro_batches
 from .grads import GradReducer
-from .measure import MemoryMeter, sync
+from .measure import MemoryMeter, host_cpu_ticks, steal_fraction, sync
 from .mesh import Mesh, build_mesh
 from .model import Transformer, init_weights
 from .parallelize import expert_params, parallelize, split_stages, stage_blocks, stage_ids
@@ -156,7 +156,10 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
         return local
 
     losses, times = [], []
+    ticks = None
     for step in range(start, opts.steps):
+        if step - start == opts.warmup_steps:
+            ticks = host_cpu_ticks()  # the timed steps start
         dist.barrier()
         sync(device)
         t0 = time.perf_counter()
@@ -167,6 +170,7 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
         if opts.saves_after(step):
             ckpt.save(opts.checkpoint_dir, step + 1, chunks, optim,
                       kill=opts.kill_during_save == step + 1)
+    steal = steal_fraction(ticks, host_cpu_ticks())
     if meter.needs_extra_step and opts.measure_memory:
         meter.measure_step(lambda: train_step(opts.steps))  # after the timed (and saved) steps
     peaks = _gather_peaks(meter.peak_bytes())
@@ -175,13 +179,14 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
     if recorder is not None and opts.record_routing:
         recorder.save(opts.record_routing)
     return _record(pf, plan, opts, device, start=start, times=times, losses=losses,
-                   peaks=peaks, memory_method=meter.method, fused=fused)
+                   peaks=peaks, memory_method=meter.method, fused=fused, steal=steal)
 
 
 def _record(pf: PlanFile, plan, opts: RunOptions, device: torch.device, *, start: int,
             times: list[float], losses: list[float], peaks: list[int],
-            memory_method: str, fused: bool) -> dict:
-    """The measured JSON of a run (rank 0)."""
+            memory_method: str, fused: bool, steal: float | None = None) -> dict:
+    """The measured JSON of a run (rank 0). `host_steal_fraction` is the share of the
+    host CPUs' time stolen by the hypervisor while the timed steps ran (None off Linux)."""
     work = pf.work
     timed = times[opts.warmup_steps:] or times
     # The median resists the interference of a shared machine; the mean is kept beside it.
@@ -195,6 +200,7 @@ def _record(pf: PlanFile, plan, opts: RunOptions, device: torch.device, *, start
         "first_step": start, "steps": len(times), "warmup_steps": opts.warmup_steps,
         "step_times_s": timed, "step_time_s": median, "step_time_mean_s": mean,
         "tokens_per_s": work.tokens_per_step / median if timed else float("nan"),
+        "host_steal_fraction": steal,
         "losses": losses,
         "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks,
         "memory_method": memory_method,

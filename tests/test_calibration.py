@@ -236,3 +236,17 @@ def test_the_in_situ_factor_scales_ops_but_not_host_time_or_messages():
     bad = profile_to_dict(slow) | {"in_situ_factor": 0.0}
     with pytest.raises(SpecError, match="in_situ_factor"):
         profile_from_dict(bad)
+
+
+def test_steal_adjusted_errors_sit_beside_the_raw_ones():
+    rows = [Row(name="a", predicted_step_s=1.0, measured_step_s=2.0, predicted_memory_bytes=1,
+                measured_memory_bytes=None, measured_steal=0.5),
+            Row(name="b", predicted_step_s=1.0, measured_step_s=1.0, predicted_memory_bytes=1,
+                measured_memory_bytes=None, measured_steal=0.0)]
+    s = summary(rows)
+    assert s["step_time_mape"] == pytest.approx(0.25)  # raw: -50% and 0%
+    assert s["host_steal_mean"] == pytest.approx(0.25)
+    assert s["step_time_mape_unstolen"] == pytest.approx(0.0)  # 2 s, half of it stolen
+    calm = [Row(name="c", predicted_step_s=1.0, measured_step_s=1.0, predicted_memory_bytes=1,
+                measured_memory_bytes=None)]
+    assert "host_steal_mean" not in summary(calm)

@@ -11,14 +11,15 @@ def _pct(x: float | None) -> str:
 
 def markdown(rows: list[Row], plans: list[str], summary: dict, title: str) -> str:
     lines = [f"# {title}", "",
-             "| plan | predicted step s | des step s | measured step s | error | des error | "
-             "predicted MiB | measured MiB | error |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| plan | predicted step s | des step s | measured step s | host steal | error | "
+             "des error | predicted MiB | measured MiB | error |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r, plan in zip(rows, plans, strict=True):
         mem = "-" if r.measured_memory_bytes is None else f"{r.measured_memory_bytes / 2**20:.1f}"
         des = "-" if r.predicted_des_step_s is None else f"{r.predicted_des_step_s:.4f}"
+        steal = "-" if r.measured_steal is None else f"{r.measured_steal:.0%}"
         lines.append(f"| {r.name} (`{plan}`) | {r.predicted_step_s:.4f} | {des} | "
-                     f"{r.measured_step_s:.4f} | {_pct(r.step_error)} | "
+                     f"{r.measured_step_s:.4f} | {steal} | {_pct(r.step_error)} | "
                      f"{_pct(r.des_step_error)} | {r.predicted_memory_bytes / 2**20:.1f} | "
                      f"{mem} | {_pct(r.memory_error)} |")
     s = summary
@@ -33,6 +34,11 @@ def markdown(rows: list[Row], plans: list[str], summary: dict, title: str) -> st
                  f"{s['step_time_max_ape_des']:.1%}, Kendall tau "
                  f"{'-' if s['kendall_tau_des'] is None else format(s['kendall_tau_des'], '.3f')}"]
                 if "step_time_mape_des" in s else []),
+              *([f"- the hypervisor stole {s['host_steal_mean']:.0%} of the host CPUs' time "
+                 f"on average during the timed steps; against the measured steps less their "
+                 f"stolen share, step time mean |error| {s['step_time_mape_unstolen']:.1%}, "
+                 f"max {s['step_time_max_ape_unstolen']:.1%}"]
+                if "host_steal_mean" in s else []),
               f"- predicted fastest {s['predicted_fastest']}, measured fastest "
               f"{s['measured_fastest']}: the predicted pick is {s['fastest_gap']:.1%} slower"]
     return "\n".join(lines) + "\n"

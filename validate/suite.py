@@ -114,6 +114,7 @@ def validate(cases: tuple[Case, ...], profile: HardwareProfile | None, steps: in
                   measured_step_s=measured["step_time_s"],
                   predicted_memory_bytes=pf.predicted["peak_memory_bytes"] - reserved,
                   measured_memory_bytes=measured.get("peak_memory_bytes"),
-                  predicted_des_step_s=pf.predicted.get("des_step_time_s"))
+                  predicted_des_step_s=pf.predicted.get("des_step_time_s"),
+                  measured_steal=measured.get("host_steal_fraction"))
         out.append((case, row, measured))
     return out

@@ -59,19 +59,7 @@ def time_s(fn: Callable[[], object], device: torch.device, min_s: float = 0.02,
     """Median seconds of one call of `fn` (after one warm-up call), each call after
     `scrub` when given (the operands then come from beyond the private cache). Calls
     repeat until `min_s` of wall time, scrubs included, or `max_reps`."""
-    fn()
-    sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < min_s
-                                    and len(times) < max_reps):
-        if scrub is not None:
-            scrub()
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return alternating_time_s([fn], device, min_s, min_reps, max_reps, scrub)[0]
 
 
 def alternating_time_s(fns: list[Callable[[], object]], device: torch.device,

@@ -18,7 +18,7 @@ tiny-dense step 24% fast on a CPU. The tables and fits:
   price them (operands in the last-level cache or memory rather than just written, code
   and branch history cold): every op's time is multiplied by the profile's
   `in_situ_factor`, measured on a reference model that the validation suite does not
-  run (`validate.opbench.in_situ_factor`; 1.14-1.17 on this VM).
+  run (`validate.opbench.in_situ_factor`; 1.08-1.17 on this VM).
 - Host time beyond the ops is a table of per-unit overheads: per layer and per model
   chunk call of the plain model (`validate/opbench.py`), and what each parallel mechanism
   adds per layer or per chunk call (`validate/mechbench.py`).

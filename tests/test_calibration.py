@@ -250,3 +250,14 @@ def test_steal_adjusted_errors_sit_beside_the_raw_ones():
     calm = [Row(name="c", predicted_step_s=1.0, measured_step_s=1.0, predicted_memory_bytes=1,
                 measured_memory_bytes=None)]
     assert "host_steal_mean" not in summary(calm)
+
+
+def test_a_negative_host_residual_is_said_not_silently_floored():
+    from meshplan.validate.profile import host_residual_s
+
+    said = []
+    assert host_residual_s(2e-3, "tp layer, forward", said.append) == 2e-3
+    assert said == []
+    assert host_residual_s(-1.5e-3, "plain layer, backward", said.append) == 0.0
+    assert said == ["plain layer, backward: the tables price it 1.500 ms above its measured "
+                    "time; no host overhead fitted"]

@@ -90,7 +90,8 @@ def op_rows(dtypes: tuple[str, ...], device: torch.device) -> dict[str, dict[str
     return out
 
 
-def overheads(costs, dtype: str, device: torch.device) -> dict[str, list[float]]:
+def overheads(costs, dtype: str, device: torch.device,
+              say: Callable[[str], None] | None = None) -> dict[str, list[float]]:
     """[forward s, backward s] the runtime spends per layer and per model-chunk call beyond
     what `costs` prices its ops at, measured on a model so small that its ops cost next to
     nothing: (3-layer − 1-layer) / 2 less one layer's priced ops gives the per-layer part;
@@ -98,6 +99,8 @@ def overheads(costs, dtype: str, device: torch.device) -> dict[str, list[float]]
     from meshplan.costmodels.flops import backward
     from meshplan.runtime.model import Transformer, init_weights
     from meshplan.simulator.analytical import ops_time_s
+
+    from .profile import host_residual_s
 
     t = 16
     act_bytes = 4 if dtype == "fp32" else 2
@@ -123,9 +126,11 @@ def overheads(costs, dtype: str, device: torch.device) -> dict[str, list[float]]
                     ops_time_s(costs, dtype, backward(layer), True)]
     priced_ends = [ops_time_s(costs, dtype, ends, True),
                    ops_time_s(costs, dtype, backward(ends), True)]
-    per_layer = [max((measured[3][i] - measured[1][i]) / 2 - priced_layer[i], 0.0)
-                 for i in (0, 1)]
-    per_call = [max(measured[1][i] - per_layer[i] - priced_layer[i] - priced_ends[i], 0.0)
+    way = ("forward", "backward")
+    per_layer = [host_residual_s((measured[3][i] - measured[1][i]) / 2 - priced_layer[i],
+                                 f"plain layer, {way[i]}", say) for i in (0, 1)]
+    per_call = [host_residual_s(measured[1][i] - per_layer[i] - priced_layer[i]
+                                - priced_ends[i], f"model chunk call, {way[i]}", say)
                 for i in (0, 1)]
     return {"layer": per_layer, "stage": per_call}
 

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -94,14 +95,15 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     prof = _single_process(opts, device, say)
     say("per-layer host overhead ...")  # what the tables just measured leave unexplained
     one = load_cluster("cpu", gpus=1)
-    prof = replace(prof, overheads=overheads(CalibratedCosts(one, prof), opts.dtypes[0], device))
+    prof = replace(prof, overheads=overheads(CalibratedCosts(one, prof), opts.dtypes[0], device,
+                                             say))
     say("ops inside a training step against the tables ...")
     prof = replace(prof, in_situ_factor=in_situ_factor(CalibratedCosts(one, prof),
                                                        opts.dtypes[0], device))
     prof = replace(prof, **_shared_machine(opts, device, say))
     if opts.mechanisms and device.type == "cpu" and 2 in opts.processes:
         say("per-layer cost of each parallel mechanism with 2 processes ...")
-        prof = mechanism_overheads(prof, _torchrun(2, "mechbench", []))
+        prof = mechanism_overheads(prof, _torchrun(2, "mechbench", []), say)
     return {**profile_to_dict(prof), "peaks": peaks(prof)}
 
 
@@ -130,7 +132,22 @@ def merge_kernel_table(profile: dict, table: dict) -> dict:
     return {**profile, "elementwise": merged}
 
 
-def mechanism_overheads(prof: HardwareProfile, record: dict) -> HardwareProfile:
+def host_residual_s(residual_s: float, what: str,
+                    say: Callable[[str], None] | None = None) -> float:
+    """A fitted host time: what ran less what the tables price. Below zero the tables
+    price the work above its measured time; that is said (on stderr unless `say` is
+    given), and no host time is fitted, since time spent cannot be negative."""
+    if residual_s < 0:
+        (say or _stderr)(f"{what}: the tables price it {-residual_s * 1e3:.3f} ms above its "
+                         f"measured time; no host overhead fitted")
+    return max(residual_s, 0.0)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def mechanism_overheads(prof: HardwareProfile, record: dict, say=None) -> HardwareProfile:
     """Fold mechbench's per-layer times into `prof.overheads["layer:<mechanism>"]`: the
     measured layer less what the profile prices for it (ops, messages, the overheads
     fitted so far), as seconds of one process alone (the slowdown of sharing the machine
@@ -144,15 +161,16 @@ def mechanism_overheads(prof: HardwareProfile, record: dict) -> HardwareProfile:
         costs, priced = _priced(prof, pf)
         f, b = priced.layer_phase(pf.model.is_moe)
         per_layer = [(t3 - t1) / 2 for t1, t3 in zip(times["1"], times["3"], strict=True)]
-        extra = [max(0.0, t - p) / costs.slowdown
-                 for t, p in zip(per_layer, (f.total, b.total), strict=True)]
+        extra = [host_residual_s(t - p, f"{mech} layer, {way}", say) / costs.slowdown
+                 for t, p, way in zip(per_layer, (f.total, b.total), ("forward", "backward"),
+                                      strict=True)]
         prof = replace(prof, overheads={**prof.overheads, f"layer:{mech}": extra})
     if "pp" in record:
-        prof = _pipeline_overhead(prof, record["pp"])
+        prof = _pipeline_overhead(prof, record["pp"], say)
     return prof
 
 
-def _pipeline_overhead(prof: HardwareProfile, steps: dict[str, float]) -> HardwareProfile:
+def _pipeline_overhead(prof: HardwareProfile, steps: dict[str, float], say) -> HardwareProfile:
     """Per model-chunk call: a micro-batch's measured share of the pipeline step less the
     priced steady-state work of the busiest rank, over its chunks, half each way."""
     from .mechbench import pp_plan_file
@@ -162,7 +180,8 @@ def _pipeline_overhead(prof: HardwareProfile, steps: dict[str, float]) -> Hardwa
     costs, priced = _priced(prof, pf)
     per_mb = max(r.total for r in priced.rank_phases)
     calls = len(priced.stage_layers) // pf.plan.pp
-    extra = max(0.0, (t2 - t1) / (m2 - m1) - per_mb) / calls / 2 / costs.slowdown
+    extra = host_residual_s((t2 - t1) / (m2 - m1) - per_mb, "pipeline micro-batch", say) \
+        / calls / 2 / costs.slowdown
     return replace(prof, overheads={**prof.overheads, "stage:pp": [extra, extra]})
 
 

@@ -93,15 +93,17 @@ def concurrent_gemm_rows(device: torch.device, rounds: int = 3) -> list[list]:
     first = dist.get_rank() == 0
     for m, n, k in CONCURRENT_GEMMS:
         a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+
+        def gemm_s(a=a, b=b) -> float:
+            return mean_time_s(lambda: a @ b.t(), device, min_s=0.15, scrub=scrub)
+
         together, alone = [], []
         for _ in range(rounds):
             dist.barrier()
             if first:
-                alone.append(mean_time_s(lambda a=a, b=b: a @ b.t(), device, min_s=0.15,
-                                         scrub=scrub))
+                alone.append(gemm_s())
             dist.barrier()
-            together.append(mean_time_s(lambda a=a, b=b: a @ b.t(), device, min_s=0.15,
-                                        scrub=scrub))
+            together.append(gemm_s())
         t = torch.tensor([statistics.median(together),
                           statistics.median(alone) if first else 0.0],
                          dtype=torch.float64, device=device)

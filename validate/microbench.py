@@ -8,6 +8,7 @@ least `min_s` in all (CUDA: synchronized before and after each call).
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -69,6 +70,23 @@ def alternating_time_s(fns: list[Callable[[], object]], device: torch.device,
     `scrub` when given) so that a drift of the machine falls on all of them alike: what
     differences of these times (a backward as forward+backward less forward, a layer as
     3 layers less 1) need."""
+    return [statistics.median(t)
+            for t in _timed_calls(fns, device, min_s, min_reps, max_reps, scrub)]
+
+
+def mean_time_s(fn: Callable[[], object], device: torch.device, min_s: float = 0.3,
+                scrub: Scrub | None = None) -> float:
+    """Mean seconds of one call over calls for at least `min_s` of wall time, each after
+    `scrub` when given (untimed). Unlike the median, the mean sees time-slicing when
+    processes share cores: a call that is preempted counts its wait."""
+    return statistics.fmean(_timed_calls([fn], device, min_s, 4, sys.maxsize, scrub)[0])
+
+
+def _timed_calls(fns: list[Callable[[], object]], device: torch.device, min_s: float,
+                 min_reps: int, max_reps: int, scrub: Scrub | None) -> list[list[float]]:
+    """Seconds of each call of each of `fns` (after one warm-up call each), in turns,
+    until `min_s` of wall time (scrubs included) or `max_reps` turns, at least `min_reps`;
+    `scrub`, when given, runs untimed before every call."""
     for fn in fns:
         fn()
     sync(device)
@@ -83,26 +101,7 @@ def alternating_time_s(fns: list[Callable[[], object]], device: torch.device,
             fn()
             sync(device)
             out.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
-def mean_time_s(fn: Callable[[], object], device: torch.device, min_s: float = 0.3,
-                scrub: Scrub | None = None) -> float:
-    """Mean seconds of one call over calls for at least `min_s` of wall time, each after
-    `scrub` when given (untimed). Unlike the median, the mean sees time-slicing when
-    processes share cores: a call that is preempted counts its wait."""
-    fn()
-    sync(device)
-    total, calls, start = 0.0, 0, time.perf_counter()
-    while calls < 4 or time.perf_counter() - start < min_s:
-        if scrub is not None:
-            scrub()
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        total += time.perf_counter() - t0
-        calls += 1
-    return total / calls
+    return times
 
 
 def gemm_rows(sizes: Iterable[int], dtypes: Iterable[str], device: torch.device,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from meshplan.core.model import ModelSpec
 from meshplan.costmodels.flops import Shard, embedding_ops, head_ops, layer_ops
-from meshplan.runtime.model import apply_rope, rope_tables
+from meshplan.runtime.model import Transformer, apply_rope, init_weights, rope_tables
 from meshplan.runtime.train import _autocast, loss_fn
 
 from .microbench import Scrub, alternating_time_s, time_s
@@ -66,7 +66,6 @@ def op_rows(dtypes: tuple[str, ...], device: torch.device) -> dict[str, dict[str
     out: dict[str, dict[str, list]] = {}
     scrub = Scrub(device)
     for dtype in dtypes:
-        act_bytes = 4 if dtype == "fp32" else 2
         lowp = None if dtype == "fp32" else getattr(torch, {"bf16": "bfloat16",
                                                             "fp16": "float16"}[dtype])
         table: dict[str, list] = {}
@@ -76,8 +75,7 @@ def op_rows(dtypes: tuple[str, ...], device: torch.device) -> dict[str, dict[str
                              n_kv_heads=kv, head_dim=h // heads, ffn_hidden_size=ffn,
                              vocab_size=vocab)
             for t in TOKENS:
-                s = Shard(mbs=1, seq=t, tp=1, cp=1, sp=False, ep=1, etp=1, attn="flash",
-                          act_bytes=act_bytes)
+                s = _shard(1, t, dtype)
                 ops = {o.name: o for o in layer_ops(spec, s, False) + head_ops(spec, s)
                        + embedding_ops(spec, s) if o.kind == "mem"}
                 blocks = _blocks(h, ffn, vocab, t, heads, kv)
@@ -96,36 +94,19 @@ def overheads(costs, dtype: str, device: torch.device,
     what `costs` prices its ops at, measured on a model so small that its ops cost next to
     nothing: (3-layer − 1-layer) / 2 less one layer's priced ops gives the per-layer part;
     the 1-layer model less one layer and its embedding/head ops gives the per-call part."""
-    from meshplan.costmodels.flops import backward
-    from meshplan.runtime.model import Transformer, init_weights
-    from meshplan.simulator.analytical import ops_time_s
-
     from .profile import host_residual_s
 
     t = 16
-    act_bytes = 4 if dtype == "fp32" else 2
     calls = []
     for layers in (1, 3):
-        spec = _tiny_spec(layers)
-        model = Transformer(spec).to(device)
-        init_weights(model, 0)
-        tokens = torch.randint(0, spec.vocab_size, (1, t), device=device)
-        pos = torch.arange(t, device=device)
-
-        def fwd(model=model, tokens=tokens, pos=pos):
-            return loss_fn(model(tokens, pos), tokens)
-
+        fwd = _loss_call(_tiny_spec(layers), 1, t, device)
         calls += [fwd, lambda fwd=fwd: fwd().backward()]
     f1, fb1, f3, fb3 = alternating_time_s(calls, device, min_s=0.8, scrub=Scrub(device))
     measured = {1: (f1, max(fb1 - f1, 0.0)), 3: (f3, max(fb3 - f3, 0.0))}
     spec = _tiny_spec(1)
-    s = Shard(mbs=1, seq=t, tp=1, cp=1, sp=False, ep=1, etp=1, attn="flash",
-              act_bytes=act_bytes)
-    layer, ends = layer_ops(spec, s, False), embedding_ops(spec, s) + head_ops(spec, s)
-    priced_layer = [ops_time_s(costs, dtype, layer, True),
-                    ops_time_s(costs, dtype, backward(layer), True)]
-    priced_ends = [ops_time_s(costs, dtype, ends, True),
-                   ops_time_s(costs, dtype, backward(ends), True)]
+    s = _shard(1, t, dtype)
+    priced_layer = _priced_s(costs, dtype, layer_ops(spec, s, False))
+    priced_ends = _priced_s(costs, dtype, embedding_ops(spec, s) + head_ops(spec, s))
     way = ("forward", "backward")
     per_layer = [host_residual_s((measured[3][i] - measured[1][i]) / 2 - priced_layer[i],
                                  f"plain layer, {way[i]}", say) for i in (0, 1)]
@@ -149,29 +130,45 @@ def in_situ_factor(costs, dtype: str, device: torch.device) -> float:
     per-call overheads already fitted). Inside a step a kernel finds some operands in the
     last-level cache or in memory, its code and branch history cold, the allocator busy;
     timed alone, with only the private cache scrubbed, it finds none of that."""
-    from meshplan.costmodels.flops import backward
-    from meshplan.runtime.model import Transformer, init_weights
-    from meshplan.simulator.analytical import ops_time_s
-
     spec, mbs, seq = REFERENCE, REFERENCE_MBS, REFERENCE_SEQ
+    loss = _loss_call(spec, mbs, seq, device)
+
+    def step():
+        with _autocast(dtype, device):  # as the runtime runs it
+            value = loss()
+        value.backward()
+
+    measured = time_s(step, device, min_s=2.0)
+    s = _shard(mbs, seq, dtype)
+    priced = sum(_priced_s(costs, dtype, spec.n_layers * layer_ops(spec, s, False)
+                           + embedding_ops(spec, s) + head_ops(spec, s)))
+    host = sum(spec.n_layers * costs.overhead_s("layer", b) + costs.overhead_s("stage", b)
+               for b in (False, True))
+    return (measured - host) / priced
+
+
+def _loss_call(spec: ModelSpec, mbs: int, seq: int, device: torch.device):
+    """The runtime's model of `spec` and a call computing its loss on random tokens."""
     model = Transformer(spec).to(device)
     init_weights(model, 0)
     tokens = torch.randint(0, spec.vocab_size, (mbs, seq), device=device)
     pos = torch.arange(seq, device=device)
+    return lambda: loss_fn(model(tokens, pos), tokens)
 
-    def step():
-        with _autocast(dtype, device):  # as the runtime runs it
-            loss = loss_fn(model(tokens, pos), tokens)
-        loss.backward()
 
-    measured = time_s(step, device, min_s=2.0)
-    s = Shard(mbs=mbs, seq=seq, tp=1, cp=1, sp=False, ep=1, etp=1, attn="flash",
-              act_bytes=4 if dtype == "fp32" else 2)
-    ops = spec.n_layers * layer_ops(spec, s, False) + embedding_ops(spec, s) + head_ops(spec, s)
-    priced = ops_time_s(costs, dtype, ops, True) + ops_time_s(costs, dtype, backward(ops), True)
-    host = sum(spec.n_layers * costs.overhead_s("layer", b) + costs.overhead_s("stage", b)
-               for b in (False, True))
-    return (measured - host) / priced
+def _shard(mbs: int, seq: int, dtype: str) -> Shard:
+    """One process's shard of a micro-batch: no parallelism, flash attention."""
+    return Shard(mbs=mbs, seq=seq, tp=1, cp=1, sp=False, ep=1, etp=1, attn="flash",
+                 act_bytes=4 if dtype == "fp32" else 2)
+
+
+def _priced_s(costs, dtype: str, ops) -> list[float]:
+    """[forward s, backward s] that `costs` prices `ops` at, as the runtime runs them
+    (eager)."""
+    from meshplan.costmodels.flops import backward
+    from meshplan.simulator.analytical import ops_time_s
+
+    return [ops_time_s(costs, dtype, ops, True), ops_time_s(costs, dtype, backward(ops), True)]
 
 
 def _tiny_spec(layers: int) -> ModelSpec:

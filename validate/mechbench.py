@@ -54,22 +54,27 @@ def time_layers(pfs: list[PlanFile], device) -> list[list[float]]:
     """Per plan file, [forward s, backward s] of one micro-batch: the slowest rank's
     median. The plan files' calls alternate, so a drift of the machine falls on each
     alike and cancels in their difference."""
+    return _alternating([_layer_runner(pf, device) for pf in pfs], REPS, device)
+
+
+def _alternating(runs: list, reps: int, device) -> list[list[float]]:
+    """Per call of `runs` (each returns a tuple of seconds), the slowest rank's median of
+    each of its seconds over `reps` turns after two warm-up turns; the calls take turns,
+    each after a scrub of the private cache and a barrier."""
     import torch.distributed as dist
 
     from .microbench import Scrub
 
-    runners = [_layer_runner(pf, device) for pf in pfs]
-    samples: list[tuple[list[float], list[float]]] = [([], []) for _ in pfs]
+    samples: list[list[list[float]]] = [[] for _ in runs]
     scrub = Scrub(device)
-    for rep in range(REPS + 2):
-        for run, (fwd, bwd) in zip(runners, samples, strict=True):
+    for rep in range(reps + 2):
+        for run, out in zip(runs, samples, strict=True):
             scrub()  # operands outside the private cache, as the profile's tables time them
             dist.barrier()
-            f, b = run()
+            seconds = run()
             if rep >= 2:
-                fwd.append(f)
-                bwd.append(b)
-    return [_slowest_median(fwd, bwd) for fwd, bwd in samples]
+                out.append(list(seconds))
+    return [_slowest_median(*map(list, zip(*out, strict=True))) for out in samples]
 
 
 def _layer_runner(pf: PlanFile, device):
@@ -123,34 +128,27 @@ def time_pipeline_steps(pfs: list[PlanFile], device) -> list[float]:
     """Per plan file, seconds of one pipeline step (forward and backward of every
     micro-batch, no optimizer): the slowest rank's median, the plan files alternating."""
     import torch
-    import torch.distributed as dist
 
     from meshplan.runtime.data import rank_micro_batches
     from meshplan.runtime.mesh import build_mesh
     from meshplan.runtime.train import build, pipeline_rank
 
-    from .microbench import Scrub
-
-    steps = []
-    for pf in pfs:
+    def runner(pf: PlanFile):
         plan = pf.plan
         mesh = build_mesh(plan, device.type)
         rank = pipeline_rank(pf, mesh, build(pf, mesh, 0, device), device)
         batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, SEQ + 1))
         micro = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=1,
                                    cp_rank=0, mbs=plan.mbs, device=device)
-        steps.append(lambda rank=rank, micro=micro: rank.step(micro))
-    times: list[list[float]] = [[] for _ in pfs]
-    scrub = Scrub(device)
-    for rep in range(REPS // 2 + 2):
-        for step, out in zip(steps, times, strict=True):
-            scrub()
-            dist.barrier()
+
+        def run() -> tuple[float]:
             t0 = time.perf_counter()
-            step()
-            if rep >= 2:
-                out.append(time.perf_counter() - t0)
-    return _slowest_median(*times)
+            rank.step(micro)
+            return (time.perf_counter() - t0,)
+
+        return run
+
+    return [t for (t,) in _alternating([runner(pf) for pf in pfs], REPS // 2, device)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -189,7 +189,7 @@ def test_more_processes_than_cores_share_them_fairly(monkeypatch):
     from meshplan.validate import profile as prof_mod
 
     monkeypatch.setattr(prof_mod.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(prof_mod, "_commbench", lambda n, opts: {
+    monkeypatch.setattr(prof_mod, "_commbench", lambda n, opts, gemm: {
         "collectives": [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]],
         "gemm": [[64, 64, 64, 2.2 if n == 2 else 9.0, 2.0],  # [m, n, k, together, alone]
                  [128, 64, 64, 1.0, 1.0], [64, 128, 64, 3.3, 3.0]],

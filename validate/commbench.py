@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out")
     p.add_argument("--sizes", required=True)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-gemm", action="store_true",
+                   help="skip the shared-compute GEMMs (more processes than cores: the cost "
+                   "model takes the fair share instead)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.device == "cuda":
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(s) for s in a.sizes.split(",")]
     run_worker(a.out, "nccl" if a.device == "cuda" else "gloo", lambda: {
         "processes": dist.get_world_size(), "collectives": collective_rows(sizes, device),
-        "gemm": concurrent_gemm_rows(device), "overlap_slowdown": overlap_slowdown(device)})
+        "gemm": [] if a.no_gemm else concurrent_gemm_rows(device),
+        "overlap_slowdown": overlap_slowdown(device)})
 
 
 def run_worker(out: str, backend: str, record) -> None:

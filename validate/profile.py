@@ -286,10 +286,11 @@ def _shared_machine(opts: ProfileOptions, device, say) -> dict:
     cores = len(os.sched_getaffinity(0)) if device.type == "cpu" else max(opts.processes)
     for n in opts.processes:
         say(f"collectives and shared compute with {n} processes ...")
-        rec = _commbench(n, opts)
+        shared = n <= cores
+        rec = _commbench(n, opts, gemm=shared)
         collectives[str(n)] = fit_collectives(rec["collectives"], n)
         overlap[str(n)] = rec["overlap_slowdown"]
-        if n <= cores:
+        if shared:
             concurrency[str(n)] = concurrency_slowdown(rec["gemm"])
     return {"collectives": collectives, "concurrency": concurrency,
             "overlap_slowdown": overlap}
@@ -305,9 +306,11 @@ def peaks(p: HardwareProfile) -> dict[str, float]:
     return out
 
 
-def _commbench(n: int, opts: ProfileOptions) -> dict:
+def _commbench(n: int, opts: ProfileOptions, gemm: bool) -> dict:
+    """The collectives, the overlap slowdown and, when `gemm`, the shared-compute GEMMs
+    with n processes."""
     return _torchrun(n, "commbench", ["--sizes", ",".join(str(s) for s in opts.comm_sizes),
-                                      "--device", opts.device])
+                                      "--device", opts.device, *([] if gemm else ["--no-gemm"])])
 
 
 def _torchrun(n: int, bench: str, args: list[str]) -> dict:

@@ -7,9 +7,12 @@ libraries hold, so one extra training step runs under torch.profiler with
 tensor storage the garbage collector can reach: weights, optimizer state) plus the
 highest running sum of the allocator's allocation (+) and free (−) records during the
 step (activations, gradients, temporaries, communication buffers). Some frees go
-unrecorded (DTensor's functional collectives): the live bytes after the step tell how
-much, and the method says that the peak may be up to that much lower. Without records,
-the peak resident set above the start-up one stands in.
+unrecorded (blocks that DTensor's functional collectives and gloo's threads release
+where the profiler does not look); an allocation at the address of a block still
+counted live proves that block was freed before it, so the free is entered there. What
+stays unaccounted after that (the live bytes after the step tell how much) is said in
+the method: the peak may be up to that much lower. Without records, the peak resident
+set above the start-up one stands in.
 """
 
 from __future__ import annotations
@@ -80,6 +83,40 @@ def resident_bytes() -> int:
     return pages * resource.getpagesize()
 
 
+def allocation_records(roots) -> list[tuple[int, int, int]]:
+    """(time ns, address, bytes: + allocated, − freed) of the allocator events under the
+    profiler's event tree, in time order."""
+    from torch._C._profiler import _EventType
+    out, stack = [], list(roots)
+    while stack:
+        ev = stack.pop()
+        if ev.tag == _EventType.Allocation:
+            out.append((ev.start_time_ns, ev.extra_fields.ptr, ev.extra_fields.alloc_size))
+        stack.extend(ev.children)
+    return sorted(out)
+
+
+def peak_growth(records: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """(peak, final) running sum of allocation records and the number of frees inferred.
+
+    A free of a block allocated before the records began counts at its record. An
+    allocation at the address of a block still counted live means that block was freed
+    without a record (no allocator hands out one address twice), so it is freed there."""
+    live: dict[int, int] = {}
+    running = peak = inferred = 0
+    for _, ptr, nbytes in records:
+        if nbytes > 0:
+            if ptr in live:
+                running -= live.pop(ptr)
+                inferred += 1
+            live[ptr] = nbytes
+            running += nbytes
+            peak = max(peak, running)
+        else:
+            running -= live.pop(ptr, -nbytes)
+    return peak, running, inferred
+
+
 class MemoryMeter:
     def __init__(self, device: torch.device):
         self.device = device
@@ -102,16 +139,15 @@ class MemoryMeter:
         start = live_tensor_bytes()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
-        records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                         if e.name() == "[memory]")
-        running = peak = 0
-        for _, nbytes in records:
-            running += nbytes
-            peak = max(peak, running)
+        records = allocation_records(prof.profiler.kineto_results.experimental_event_tree())
         if not records:
             return  # no allocator records: the resident set stands in
+        peak, running, inferred = peak_growth(records)
         self.allocs_peak = start + peak
         self.method = _ALLOCS
+        if inferred:
+            self.method += (f"; {inferred} frees went unrecorded and were entered where "
+                            "their address was allocated again")
         missed = running - (live_tensor_bytes() - start)  # records of frees that never came
         if missed > 0.05 * peak:
             self.method += (f"; {missed / 2**20:.1f} MiB of frees went unrecorded, so the peak "

@@ -142,6 +142,50 @@ def head_activation_bytes(model: ModelSpec, s: Shard, eager: bool = False) -> fl
     return norm + logit_bytes * s.tokens * model.vocab_size / s.tp + (0 if eager else 4 * s.tokens)
 
 
+def head_grad_bytes(model: ModelSpec, s: Shard, eager: bool = False) -> float:
+    """The gradient over the logits that the LM head's weight gradient needs."""
+    return (4 if eager else s.act_bytes) * s.tokens * model.vocab_size / s.tp
+
+
+def split_backward_grad_bytes(model: ModelSpec, s: Shard, moe_layer: bool) -> float:
+    """What one layer keeps for one micro-batch between B (input gradient) and W (weight
+    gradients) beyond its activations: the gradient at every weight GEMM's output, which
+    W multiplies by that GEMM's input. torch.distributed.pipelining's
+    `stage_backward_input` (meshplan's runtime, torchtitan's zero-bubble schedules)
+    captures these and retains the whole graph, so the activations stay until W too."""
+    out = sum(o.m * o.n * o.batch for o in layer_ops(model, s, moe_layer)
+              if o.kind == "gemm" and o.name not in ("qk", "pv"))
+    return s.act_bytes * out
+
+
+def split_backward_pending(schedule: str, rank: int, m: int) -> float:
+    """Micro-batches of a rank holding W's gradients at its peak. ZB-H1 defers rank i's
+    W by i micro-batches, so at its peak (after B_i, before W_0) it holds min(i + 1, m)
+    beside min(p, m) micro-batches of activations; the first stage has no input gradient
+    to send and runs its whole backward at W (`runtime.pipeline`), so it holds none."""
+    if schedule != "zb" or rank == 0:
+        return 0.0
+    return float(min(rank + 1, m))
+
+
+def last_stage_inflight(schedule: str, pp: int, m: int) -> float:
+    """Micro-batches whose loss (the logits it keeps) the last stage holds at its peak:
+    all m under GPipe, min(p, m) under ZB-H1 (its W comes p − 1 micro-batches after its
+    B), and one where each backward follows its forward (1F1B, interleaved)."""
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "zb":
+        return float(min(pp, m))
+    return 1.0
+
+
+def stage_output_bytes(model: ModelSpec, s: Shard) -> float:
+    """A pipeline stage's output, which the runtime keeps (to run its backward from)
+    until the micro-batch's B; within a stage, each layer's output is the next one's
+    saved input and is counted there."""
+    return s.act_bytes * s.sp_tokens * model.hidden_size
+
+
 def inflight_microbatches(schedule: str, pp: int, vpp: int, rank: int, m: int) -> float:
     """Micro-batches of a whole rank's layers alive at its peak, from the schedule IR's rule.
 

@@ -523,17 +523,30 @@ class PlanCosts:
         return out
 
     def _rank_activations(self, rank: int) -> float:
-        p = self.plan
-        dense = sum(self.kinds[s][0] for s in self.rank_stages[rank])
-        moe = sum(self.kinds[s][1] for s in self.rank_stages[rank])
+        p, eager = self.plan, self.plan.kernels == "eager"
+        stages = self.rank_stages[rank]
+        last = len(self.stage_layers) - 1
+        dense = sum(self.kinds[s][0] for s in stages)
+        moe = sum(self.kinds[s][1] for s in stages)
         per_mb = dense * self.layer_acts(p.recompute, False)
         if moe:
             per_mb += moe * self.layer_acts(p.recompute, True)
+        if p.pp > 1:
+            per_mb += sum(s != last for s in stages) * mem.stage_output_bytes(
+                self.model, self.shard)
         live = mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, self.m)
         acts = per_mb * live + self.recompute_peak_bytes()
-        if len(self.stage_layers) - 1 in self.rank_stages[rank]:
-            acts += mem.head_activation_bytes(self.model, self.shard,
-                                              self.plan.kernels == "eager")
+        if last in stages:
+            acts += mem.head_activation_bytes(self.model, self.shard, eager) * \
+                mem.last_stage_inflight(p.schedule, p.pp, self.m)
+        pending = mem.split_backward_pending(p.schedule, rank, self.m)
+        if pending:
+            grads = dense * mem.split_backward_grad_bytes(self.model, self.shard, False)
+            if moe:
+                grads += moe * mem.split_backward_grad_bytes(self.model, self.shard, True)
+            if last in stages:
+                grads += mem.head_grad_bytes(self.model, self.shard, eager)
+            acts += grads * pending
         return acts
 
     # ---- offloading (`costmodels.offload`; the LP is `planner.offload`) ----------------

@@ -8,7 +8,11 @@ from meshplan.core.schedule import (
     peak_inflight,
     peak_inflight_weighted,
 )
-from meshplan.costmodels.memory import inflight_microbatches
+from meshplan.costmodels.memory import (
+    inflight_microbatches,
+    last_stage_inflight,
+    split_backward_pending,
+)
 
 
 @pytest.mark.parametrize("name,p,m,v", [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 8, 3, 1),
@@ -73,6 +77,31 @@ def test_memory_rule_matches_schedule(name, p, m, v):
         weights = {st: 1.0 / v for st in range(s.n_stages)}
         assert peak_inflight_weighted(s, rank, weights) == pytest.approx(
             inflight_microbatches(name, p, v, rank, m))
+
+
+@pytest.mark.parametrize("name,p,m,v", [("gpipe", 4, 6, 1), ("1f1b", 4, 8, 1), ("1f1b", 8, 3, 1),
+                                        ("interleaved", 4, 8, 2), ("zb", 4, 8, 1),
+                                        ("zb", 4, 2, 1), ("zb", 2, 8, 1)])
+def test_last_stage_rule_matches_schedule(name, p, m, v):
+    s = build_schedule(name, p, m, v)
+    last = s.n_stages - 1
+    assert peak_inflight(s, s.rank_of(last))[last] == last_stage_inflight(name, p, m)
+
+
+@pytest.mark.parametrize("p,m", [(2, 8), (4, 8), (4, 2), (8, 5), (3, 12)])
+def test_zb_peak_of_activations_and_pending_weight_gradients(p, m):
+    # Walk the IR: F keeps a micro-batch's activations (act), B on any stage but the first
+    # adds the gradients W needs (grad), W frees both. The closed form must give the peak.
+    act, grad = 1.0, 0.37
+    s = build_schedule("zb", p, m)
+    for rank in range(p):
+        held = peak = 0.0
+        for a in s.actions[rank]:
+            held += {"F": act, "B": grad if rank else 0.0, "W": -act - (grad if rank else 0)
+                     }.get(a.kind, 0.0)
+            peak = max(peak, held)
+        assert peak == pytest.approx(act * inflight_microbatches("zb", p, 1, rank, m)
+                                     + grad * split_backward_pending("zb", rank, m))
 
 
 def test_1f1b_first_stage_holds_p_microbatches():

@@ -5,10 +5,13 @@ processes) or, on a machine with CUDA, single-GPU plans. Each runs through the s
 as `meshplan run` (a plan file, torchrun, the runtime's measured JSON) and is predicted by
 the analytical and the event engine with the calibrated cost model when a profile is given.
 
-Memory: the runtime measures what training adds on top of the process at start-up (CPU:
-peak resident set above the start-up one; CUDA: allocator peak), so the prediction it is
-compared with leaves out the device's `runtime_reserved_bytes` (CUDA context, torch and
-gloo start-up), which is in the simulator's peak.
+Memory: the runtime measures tensor bytes (CPU: live tensors at the step's start plus the
+peak of the allocator's records, `runtime.measure`; CUDA: the allocator's peak), so the
+prediction it is compared with leaves out the device's `runtime_reserved_bytes` (CUDA
+context, torch and gloo start-up), which is in the simulator's peak. On a CPU device the
+host and the device are one memory and offloading moves nothing (the runtime says so in
+its notes), so an offloading plan's memory is compared with the prediction for the same
+plan without offloading: every state in the one pool.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshplan.api import simulate
@@ -79,8 +82,14 @@ def plan_file(case: Case, cluster: ClusterSpec, profile: HardwareProfile | None,
     cluster = cluster.with_gpus(case.gpus)
     predicted = simulate(model, cluster, work, plan, profile=profile)
     des = simulate(model, cluster, work, plan, engine="des", profile=profile)
+    pool = predicted
+    if cluster.device.kind == "cpu" and plan.offload != "none":
+        pool = simulate(model, cluster, work, replace(plan, offload="none", host_layers=None),
+                        profile=profile)
     return PlanFile(model=model, cluster=cluster, work=work, plan=plan,
-                    predicted=predicted.to_dict() | {"des_step_time_s": des.step_time_s})
+                    predicted=predicted.to_dict() | {
+                        "des_step_time_s": des.step_time_s,
+                        "compared_memory_bytes": pool.peak_memory_bytes})
 
 
 def run_case(pf: PlanFile, steps: int, warmup: int) -> dict:
@@ -112,7 +121,7 @@ def validate(cases: tuple[Case, ...], profile: HardwareProfile | None, steps: in
         reserved = pf.cluster.device.runtime_reserved_bytes
         row = Row(name=case.name, predicted_step_s=pf.predicted["step_time_s"],
                   measured_step_s=measured["step_time_s"],
-                  predicted_memory_bytes=pf.predicted["peak_memory_bytes"] - reserved,
+                  predicted_memory_bytes=pf.predicted["compared_memory_bytes"] - reserved,
                   measured_memory_bytes=measured.get("peak_memory_bytes"),
                   predicted_des_step_s=pf.predicted.get("des_step_time_s"),
                   measured_steal=measured.get("host_steal_fraction"))

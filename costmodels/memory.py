@@ -132,19 +132,38 @@ def _moe_activations(model: ModelSpec, s: Shard) -> float:
 
 
 def head_activation_bytes(model: ModelSpec, s: Shard, eager: bool = False) -> float:
-    """Last stage: the final norm's input and the logits the loss keeps. Eager: fp32 logits,
-    4sbv/t (Korthikanti §4.3), and an eager RMSNorm also keeps its normalised input and
-    its output (the LM head's input). Fused: a fused cross-entropy
-    (`meshplan.kernels.cross_entropy`, as Liger-Kernel's) keeps the 16-bit logits and one
-    fp32 log-sum-exp per token, and writes the gradient over the logits."""
+    """Last stage, one micro-batch: the final norm's input and what the loss keeps. Eager:
+    an eager RMSNorm also keeps its normalised input and its output (the LM head's
+    input), and PyTorch's cross-entropy keeps the fp32 log-probabilities, 4sbv
+    (Korthikanti §4.3), over the whole vocabulary on every TP rank: the head's output is
+    gathered to replicated logits (meshplan's runtime, and torchtitan without
+    loss_parallel). Fused: a fused cross-entropy (`meshplan.kernels.cross_entropy`, as
+    Liger-Kernel's) keeps the 16-bit logits of the rank's vocabulary shard and one fp32
+    log-sum-exp per token, and writes the gradient over the logits in place."""
     norm = (3 if eager else 1) * s.act_bytes * s.sp_tokens * model.hidden_size
-    logit_bytes = 4 if eager else s.act_bytes
-    return norm + logit_bytes * s.tokens * model.vocab_size / s.tp + (0 if eager else 4 * s.tokens)
+    if eager:
+        return norm + 4 * s.tokens * model.vocab_size
+    return norm + s.act_bytes * s.tokens * model.vocab_size / s.tp + 4 * s.tokens
+
+
+def loss_backward_bytes(model: ModelSpec, s: Shard, eager: bool = False) -> float:
+    """Eager cross-entropy's backward briefly holds, beside the log-probabilities, the
+    gradients over them and over the logits: two more fp32 logits, once, at the start of
+    the last stage's backward while its activations are all alive."""
+    return 2 * 4 * s.tokens * model.vocab_size if eager else 0.0
+
+
+def head_held_bytes(model: ModelSpec, s: Shard, eager: bool, schedule: str, pp: int,
+                    m: int) -> float:
+    """What the loss keeps on the rank holding the last stage at its peak: one
+    micro-batch's head activations for each micro-batch the schedule holds there."""
+    return head_activation_bytes(model, s, eager) * last_stage_inflight(schedule, pp, m)
 
 
 def head_grad_bytes(model: ModelSpec, s: Shard, eager: bool = False) -> float:
     """The gradient over the logits that the LM head's weight gradient needs."""
-    return (4 if eager else s.act_bytes) * s.tokens * model.vocab_size / s.tp
+    return (4 * s.tokens * model.vocab_size if eager
+            else s.act_bytes * s.tokens * model.vocab_size / s.tp)
 
 
 def split_backward_grad_bytes(model: ModelSpec, s: Shard, moe_layer: bool) -> float:

@@ -403,7 +403,8 @@ def split_problem(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, p
         layer_act_bytes=tuple(acts[k] for k in layers),
         first_bytes=sum(costs.state_bytes(costs.end_params(True, False), 0.0)),
         last_bytes=sum(costs.state_bytes(costs.end_params(False, True), 0.0))
-        + mem.head_activation_bytes(model, costs.shard),
+        + mem.head_held_bytes(model, costs.shard, p.kernels == "eager", p.schedule, p.pp, m)
+        + mem.loss_backward_bytes(model, costs.shard, p.kernels == "eager"),
         base_bytes=cluster.device.runtime_reserved_bytes + costs.recompute_peak_bytes(),
         inflight=tuple(mem.inflight_microbatches(p.schedule, p.pp, p.vpp, r, m)
                        for r in range(p.pp)),

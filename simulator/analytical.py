@@ -535,10 +535,10 @@ class PlanCosts:
             per_mb += sum(s != last for s in stages) * mem.stage_output_bytes(
                 self.model, self.shard)
         live = mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, self.m)
-        acts = per_mb * live + self.recompute_peak_bytes()
+        acts = per_mb * live + self._transient_bytes(last in stages)
         if last in stages:
-            acts += mem.head_activation_bytes(self.model, self.shard, eager) * \
-                mem.last_stage_inflight(p.schedule, p.pp, self.m)
+            acts += mem.head_held_bytes(self.model, self.shard, eager, p.schedule, p.pp,
+                                        self.m)
         pending = mem.split_backward_pending(p.schedule, rank, self.m)
         if pending:
             grads = dense * mem.split_backward_grad_bytes(self.model, self.shard, False)
@@ -567,7 +567,8 @@ class PlanCosts:
         # what stays whatever the LP chooses: buffers, the logits, and one layer's full
         # activations while it is recomputed (`rank_memory`, `_rank_activations`)
         fixed = (self._buffers(rank) + self.layer_acts("none", self.model.is_moe)
-                 + (mem.head_activation_bytes(self.model, self.shard, p.kernels == "eager")
+                 + (mem.head_held_bytes(self.model, self.shard, p.kernels == "eager",
+                                        p.schedule, p.pp, self.m)
                     if len(self.stage_layers) - 1 in self.rank_stages[rank] else 0.0))
         return OffloadProblem(
             units=tuple(units), micro_batches=self.m,
@@ -627,6 +628,14 @@ class PlanCosts:
                  for k in ("weight_bytes", "grad_bytes", "optimizer_bytes")]
         streams = pr.stream_buffer_bytes if on_host.any() else 0.0
         return sizes[0], sizes[1], sizes[2], streams
+
+    def _transient_bytes(self, last_stage: bool) -> float:
+        """The larger of what backward briefly adds on the rank: a layer recomputed in
+        full, or (last stage) the eager loss's gradients, which come and go before any
+        layer's backward starts."""
+        loss = (mem.loss_backward_bytes(self.model, self.shard, self.plan.kernels == "eager")
+                if last_stage else 0.0)
+        return max(self.recompute_peak_bytes(), loss)
 
     def recompute_peak_bytes(self) -> float:
         """Full recompute briefly holds one layer's full activations again."""

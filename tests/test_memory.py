@@ -49,3 +49,37 @@ def test_flash_attention_stores_no_scores():
     assert flash < _acts(8, True, "none")
     # Only the fp32 log-sum-exp per query and head is added to the selective layout.
     assert flash == pytest.approx(_acts(8, True, "selective") + 4 * B * (A // 8) * S)
+
+
+def test_the_loss_keeps_fp32_log_probabilities_over_the_whole_vocabulary_when_eager():
+    # Eager: TP gathers the logits (no loss_parallel), so every TP rank keeps 4sbv bytes of
+    # log-probabilities and its backward briefly holds two more; fused: the rank's shard.
+    from meshplan.costmodels.memory import head_activation_bytes, loss_backward_bytes
+    one, two = (Shard(mbs=B, seq=S, tp=t, sp=True, act_bytes=2) for t in (1, 2))
+    logits = 4 * B * S * GPT.vocab_size
+    norm = 3 * 2 * B * S * H
+    assert head_activation_bytes(GPT, one, eager=True) == pytest.approx(norm + logits)
+    assert head_activation_bytes(GPT, two, eager=True) == pytest.approx(norm / 2 + logits)
+    assert loss_backward_bytes(GPT, two, eager=True) == pytest.approx(2 * logits)
+    fused = head_activation_bytes(GPT, two) - 2 * B * S * H / 2 - 4 * B * S
+    assert fused == pytest.approx(2 * B * S * GPT.vocab_size / 2)
+    assert loss_backward_bytes(GPT, two) == 0.0
+
+
+def test_full_recompute_and_the_loss_backward_do_not_peak_together():
+    # Full recompute: the checkpoints and the loss are kept; the loss's backward comes and
+    # goes before the first layer is recomputed, so the larger of the two is added.
+    from meshplan.api import simulate
+    from meshplan.core.plan import Plan
+    from meshplan.core.workload import TrainWorkload
+    from meshplan.costmodels.memory import head_activation_bytes, loss_backward_bytes
+    from meshplan.costmodels.memory import layer_activation_bytes as layer
+    from meshplan.loaders import load_cluster, load_model
+
+    model, cluster = load_model("tiny-dense"), load_cluster("cpu").with_gpus(1)
+    work = TrainWorkload(seq_len=256, global_batch=4, dtype="fp32")
+    full = simulate(model, cluster, work, Plan.parse("mbs=4,recompute=full,kernels=eager"))
+    s = Shard(mbs=4, seq=256, act_bytes=4)
+    kept = model.n_layers * layer(model, s, "full", False) + head_activation_bytes(model, s, True)
+    brief = max(layer(model, s, "none", False, eager=True), loss_backward_bytes(model, s, True))
+    assert full.memory.activations == pytest.approx(kept + brief)

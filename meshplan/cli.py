@@ -190,7 +190,10 @@ def _add_validate(sub) -> None:
     va = sub.add_parser("validate", help="run a suite of plans, predict them, report the error")
     va.add_argument("--profile", help="hardware profile (calibrated cost model)")
     va.add_argument("--suite", choices=["full", "short"], default="full")
+    va.add_argument("--cases", help="comma-separated case names: run only these")
     va.add_argument("--steps", type=int, default=8)
+    va.add_argument("--rounds", type=int, default=1, help="passes over the suite, taking "
+                    "turns; each plan keeps its median round")
     va.add_argument("--warmup-steps", type=int, default=2)
     va.add_argument("--report", default="validate.md", help="markdown report path")
     va.add_argument("--plot", default="validate.png", help="scatter plot path")
@@ -552,9 +555,11 @@ def _validate(args: argparse.Namespace) -> int:
     _need_torch("validate")
     from meshplan.validate import compare, report, suite
 
-    cases = suite.SHORT_SUITE if args.suite == "short" else suite.CPU_SUITE
+    cases = suite.select(suite.SHORT_SUITE if args.suite == "short" else suite.CPU_SUITE,
+                         args.cases)
     profile = load_profile(args.profile)
-    results = suite.validate(cases, profile, steps=args.steps, warmup=args.warmup_steps)
+    results = suite.validate(cases, profile, steps=args.steps, warmup=args.warmup_steps,
+                             rounds=args.rounds)
     rows = [row for _, row, _ in results]
     summ = compare.summary(rows)
     plans = [c.plan for c, _, _ in results]
@@ -562,10 +567,10 @@ def _validate(args: argparse.Namespace) -> int:
     Path(args.report).write_text(report.markdown(rows, plans, summ, title))
     report.scatter(rows, args.plot)
     if args.json:
-        print(json.dumps({"plans": [dataclasses.asdict(r) | {"plan": p, "step_error":
-                                    r.step_error, "memory_error": r.memory_error}
-                                    for r, p in zip(rows, plans, strict=True)], **summ},
-                         indent=1))
+        print(json.dumps({"plans": [dataclasses.asdict(r) | {
+            "plan": c.plan, "step_error": r.step_error, "memory_error": r.memory_error,
+            "round_step_times_s": m["round_step_times_s"]} for c, r, m in results], **summ},
+            indent=1))
     else:
         print(report.markdown(rows, plans, summ, title))
         print(f"report: {args.report}, plot: {args.plot}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from meshplan.api import simulate
 from meshplan.core.cluster import ClusterSpec
+from meshplan.core.errors import require
 from meshplan.core.plan import Plan
 from meshplan.core.planfile import PlanFile
 from meshplan.core.workload import TrainWorkload
@@ -109,21 +110,51 @@ def run_case(pf: PlanFile, steps: int, warmup: int) -> dict:
 
 
 def validate(cases: tuple[Case, ...], profile: HardwareProfile | None, steps: int = 6,
-             warmup: int = 2, cluster: str = "cpu", dtype: str = "fp32",
+             warmup: int = 2, cluster: str = "cpu", dtype: str = "fp32", rounds: int = 1,
              say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
              ) -> list[tuple[Case, Row, dict]]:
+    """Run every case `rounds` times, a whole pass over the suite after another, and keep
+    per case the round of median step time (with its memory and steal). A shared machine
+    drifts over minutes; passes that take turns spread its slow spells over every plan
+    instead of the few that ran through one."""
+    require(rounds >= 1, "rounds", f"must be >= 1, got {rounds}")
     base = load_cluster(cluster)
-    out = []
-    for i, case in enumerate(cases, 1):
-        pf = plan_file(case, base, profile, dtype)
-        say(f"[{i}/{len(cases)}] {case.name}: {pf.plan.to_text()}")
-        measured = run_case(pf, steps, warmup)
-        reserved = pf.cluster.device.runtime_reserved_bytes
-        row = Row(name=case.name, predicted_step_s=pf.predicted["step_time_s"],
-                  measured_step_s=measured["step_time_s"],
-                  predicted_memory_bytes=pf.predicted["compared_memory_bytes"] - reserved,
-                  measured_memory_bytes=measured.get("peak_memory_bytes"),
-                  predicted_des_step_s=pf.predicted.get("des_step_time_s"),
-                  measured_steal=measured.get("host_steal_fraction"))
-        out.append((case, row, measured))
-    return out
+    pfs = [plan_file(case, base, profile, dtype) for case in cases]
+    runs: list[list[dict]] = [[] for _ in cases]
+    for k in range(rounds):
+        for i, (case, pf) in enumerate(zip(cases, pfs, strict=True), 1):
+            turn = f" (round {k + 1}/{rounds})" if rounds > 1 else ""
+            say(f"[{i}/{len(cases)}]{turn} {case.name}: {pf.plan.to_text()}")
+            runs[i - 1].append(run_case(pf, steps, warmup))
+    return [(case, _row(case, pf, median_run(measured)), median_run(measured))
+            for case, pf, measured in zip(cases, pfs, runs, strict=True)]
+
+
+def median_run(measured: list[dict]) -> dict:
+    """The run of median step time (the lower middle of an even count), with every step
+    time of the rounds beside it."""
+    ordered = sorted(measured, key=lambda m: m["step_time_s"])
+    return ordered[(len(ordered) - 1) // 2] | {
+        "round_step_times_s": [m["step_time_s"] for m in measured]}
+
+
+def _row(case: Case, pf: PlanFile, measured: dict) -> Row:
+    reserved = pf.cluster.device.runtime_reserved_bytes
+    return Row(name=case.name, predicted_step_s=pf.predicted["step_time_s"],
+               measured_step_s=measured["step_time_s"],
+               predicted_memory_bytes=pf.predicted["compared_memory_bytes"] - reserved,
+               measured_memory_bytes=measured.get("peak_memory_bytes"),
+               predicted_des_step_s=pf.predicted.get("des_step_time_s"),
+               measured_steal=measured.get("host_steal_fraction"))
+
+
+def select(cases: tuple[Case, ...], names: str | None) -> tuple[Case, ...]:
+    """The cases named in a comma-separated list, in suite order (all for None)."""
+    if not names:
+        return cases
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {c.name for c in cases}
+    unknown = [n for n in wanted if n not in known]
+    require(not unknown, "cases", f"{', '.join(unknown)} not in the suite "
+            f"({', '.join(c.name for c in cases)})")
+    return tuple(c for c in cases if c.name in wanted)

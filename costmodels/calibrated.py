@@ -150,6 +150,8 @@ class CalibratedCosts:
                             if rows}
         procs = min(cluster.n_gpus, cluster.node.gpus_per_node)
         self.slowdown = _nearest(profile.concurrency, procs, default=1.0)
+        cores = max((int(k) for k in profile.concurrency), default=procs)
+        self._shared = (cores, procs / cores) if procs > cores else None
         self.op_scale = self.slowdown * profile.in_situ_factor  # every op's time
 
     def _table(self, tables: dict, dtype: str, what: str):
@@ -187,6 +189,11 @@ class CalibratedCosts:
             return self.memory_s(params * OPTIMIZER_BYTES_PER_PARAM[optimizer], kernels=4)
         per_tensor, per_param = fit
         return (tensors * per_tensor + params * per_param) * self.slowdown
+
+    def shared_cores(self) -> tuple[int, float] | None:
+        """Past the largest process count the profile measured (on a CPU, the core
+        count: `meshplan profile` records no more), the fair share of `_nearest`."""
+        return self._shared
 
     def overlap_slowdown(self) -> float:
         """Measured with this job's process count (`commbench.overlap_slowdown`: a GEMM

@@ -64,6 +64,14 @@ class CostModel(Protocol):
         """How much slower compute runs while the same device communicates (0.2: 20%)."""
         ...
 
+    def shared_cores(self) -> tuple[int, float] | None:
+        """(cores, crowding) where the job's processes outnumber the cores they share (a
+        CPU host): every compute time above is priced for all processes computing at
+        once, `crowding` = processes / cores times longer than with at most `cores`. An
+        engine that knows when processes idle may divide it out and share the cores among
+        those computing. None where each process has a device of its own."""
+        ...
+
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         """One named memory-bound op of a layer (`costmodels.flops` names and bytes: a norm,
         RoPE, a residual add, ...; `_bwd` names their backward), fused or `eager`."""
@@ -111,6 +119,9 @@ class NominalCosts:
         MI210 (communication kernels take SMs and memory bandwidth)."""
         return OVERLAP_SLOWDOWN
 
+
+    def shared_cores(self) -> tuple[int, float] | None:
+        return None
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         return memory_time_s(self.device, nbytes * (eager_factor(name) if eager else 1.0))
 

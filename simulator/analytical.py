@@ -786,13 +786,31 @@ def assemble(cm: PlanCosts) -> SimResult:
     offload_s += max(0.0, cm.stream_s() - pipeline)  # streaming longer than the compute
     step = pipeline + dp_exposed + opt_s + offload_s
 
+    reclaimed = _shared_core_bubble_s(cm, step, fill)
+    step -= reclaimed
     w = ranks[worst]
     layers_exposed = cm.m * w.comm - hidden
     time = TimeBreakdown(compute=cm.m * w.compute, recompute=cm.m * w.recompute,
-                         exposed_comm=layers_exposed + p2p + dp_exposed, bubble=fill,
-                         offload=offload_s, optimizer=opt_s)
+                         exposed_comm=layers_exposed + p2p + dp_exposed,
+                         bubble=fill - reclaimed, offload=offload_s, optimizer=opt_s)
     return summarise(cm, step, time, {"dp_total": dp_total, "dp_exposed": dp_exposed,
                                       "pp_p2p": p2p, "layers_exposed": layers_exposed})
+
+
+def _shared_core_bubble_s(cm: PlanCosts, step: float, fill: float) -> float:
+    """Seconds of pipeline bubble that processes sharing few cores give back.
+
+    Where the processes outnumber the cores (`CostModel.shared_cores`), every op was
+    priced with all of them computing; a rank idle in its fill or drain frees its core
+    for the others, which then run faster. A fair scheduler is work-conserving, so the
+    step is bounded below by the work (each process's step less its idle bubble, the
+    cores shared by all) and by the critical path uncrowded (the step over the
+    crowding) (Graham 1969, "Bounds on multiprocessing timing anomalies"): the larger
+    bound is taken. The event engine shares the cores over the schedule itself."""
+    shared = cm.costs.shared_cores()
+    if shared is None or fill <= 0:
+        return 0.0
+    return step - max(step - fill, step / shared[1])
 
 
 def _closed_form_fill(cm: PlanCosts, worst: int) -> float:

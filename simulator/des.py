@@ -360,7 +360,11 @@ class _Engine:
         slowdown = opts.interference
         if slowdown is None:
             slowdown = cm.costs.overlap_slowdown()
-        self.fluid = Fluid(self.env, capacity, slowdown)
+        shared = cm.costs.shared_cores()
+        self.crowding = shared[1] if shared else 1.0  # priced in; the fluid shares instead
+        self.fluid = Fluid(self.env, capacity, slowdown,
+                           shared_cores=shared[0] if shared else None,
+                           weight=self._processes() if shared else None)
         self.fluid.on_end = self._record
         self.spans: list[Span] = []
         self.arrivals: dict[tuple, simpy.Event] = {}
@@ -388,6 +392,18 @@ class _Engine:
             out.append((self.elsewhere.get(dp_idx),
                         [per_replica[dp_idx].get(r, 1.0) for r in range(plan.pp)]))
         return out
+
+    def _processes(self) -> dict[int, float]:
+        """Simulated rank -> the job's processes it stands for: its TP and CP group in
+        every DP replica of its class (class 0 holds the replicas no option singles out)."""
+        plan = self.cm.plan
+        counts = [plan.dp - (len(self.classes) - 1)] + [1] * (len(self.classes) - 1)
+        return {r.index: counts[r.cls] * plan.tp * plan.cp for r in self.ranks}
+
+    def _compute(self, rank: _Rank, seconds: float) -> simpy.Event:
+        """Run `seconds` of priced compute on a rank (its straggler factor applied; under
+        shared cores the crowding priced into it divided out, the fluid shares instead)."""
+        return self.fluid.run(Job(work_s=seconds * rank.slow / self.crowding, rank=rank.index))
 
     def _replica_clusters(self) -> dict[int, ClusterSpec]:
         """DP replica -> the other cluster it runs on (checked; same-cluster entries left
@@ -477,7 +493,7 @@ class _Engine:
                 if req is not None:
                     yield req
                 t0 = self.env.now
-                yield self.fluid.run(Job(work_s=b.compute_s * rank.slow, rank=rank.index))
+                yield self._compute(rank, b.compute_s)
                 rank.spent[b.kind] += self.env.now - t0
                 if lock is not None:
                     lock.release(req)
@@ -603,7 +619,7 @@ class _Engine:
             rank.spent["offload"] += stream
             t0 = self.env.now
         if opt_s:
-            yield self.fluid.run(Job(work_s=opt_s * rank.slow, rank=rank.index))
+            yield self._compute(rank, opt_s)
             rank.spent["optimizer"] += self.env.now - t0
             self.spans.append(Span(rank=rank.index, stream="compute", name="OPT",
                                    start_s=t0, end_s=self.env.now))

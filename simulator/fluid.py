@@ -6,8 +6,12 @@ Flows share every link max-min fairly (progressive filling, Bertsekas & Gallager
 Networks", §6.5.2): all unfrozen flows rise to a common fraction of full speed until some
 link is full, then the flows through that link freeze. A flow never exceeds full speed.
 Compute on a rank runs `1 + interference` times slower while a flow of that rank moves
-(kernels of both share the device). Rates are recomputed whenever a job starts or ends,
-so the schedule of completions is exact for piecewise-constant rates.
+(kernels of both share the device). Where processes share a few cores (`shared_cores`:
+a CPU host), compute is processor-shared: while processes weighing w in all compute,
+each runs at min(1, cores / w) of its speed alone (a fair scheduler's equal share, one
+core at most per single-threaded process), so a pipeline rank idle in its bubble frees
+its core for the others. Rates are recomputed whenever a job starts or ends, so the
+schedule of completions is exact for piecewise-constant rates.
 
 Deterministic: jobs are kept in start order and ties are broken by that order.
 """
@@ -50,8 +54,12 @@ class Fluid:
     compute that no flow touches costs O(log n) per start and end."""
 
     def __init__(self, env: simpy.Environment, capacity: dict[Link, float],
-                 interference: float):
+                 interference: float, shared_cores: float | None = None,
+                 weight: dict[int, float] | None = None):
+        """`weight`: processes a simulated rank stands for (1 where not given)."""
         self.env, self.capacity, self.interference = env, capacity, interference
+        self.cores, self.weight = shared_cores, weight or {}
+        self.crowd = 0.0  # processes computing
         self.flows: list[Job] = []  # moving flows, in start order
         self.computing: dict[int, list[Job]] = defaultdict(list)
         self.busy: set[int] = set()  # ranks with a flow moving
@@ -79,8 +87,10 @@ class Fluid:
             self.flows.append(job)
             self._reflow(job, +1)
         else:
-            job.speed = self._compute_speed(job.rank)
             self.computing[job.rank].append(job)
+            if len(self.computing[job.rank]) == 1:
+                self._recrowd(job.rank, +1)
+            job.speed = self._compute_speed(job.rank)
             self._file(job)
         self._arm()
         return job.done
@@ -140,6 +150,8 @@ class Fluid:
                 self._reflow(j, -1)
             else:
                 self.computing[j.rank].remove(j)
+                if not self.computing[j.rank]:
+                    self._recrowd(j.rank, -1)
         for j in finished:
             if self.on_end is not None:
                 self.on_end(j)
@@ -201,8 +213,22 @@ class Fluid:
             for j in self.computing.get(r, ()):
                 self._set_speed(j, self._compute_speed(r))
 
+    def _recrowd(self, rank: int, sign: int) -> None:
+        """A rank started (+1) or stopped (−1) computing: under shared cores every other
+        computing job's share changes."""
+        if self.cores is None:
+            return
+        self.crowd += sign * self.weight.get(rank, 1.0)
+        for r, jobs in self.computing.items():
+            if r != rank:
+                for j in jobs:
+                    self._set_speed(j, self._compute_speed(r))
+
     def _compute_speed(self, rank: int) -> float:
-        return 1.0 / (1.0 + self.interference) if rank in self.busy else 1.0
+        speed = 1.0 / (1.0 + self.interference) if rank in self.busy else 1.0
+        if self.cores is not None and self.crowd > self.cores:
+            speed *= self.cores / self.crowd
+        return speed
 
 
 def max_min_speeds(flows: list[Job], capacity: dict[Link, float]) -> list[float]:

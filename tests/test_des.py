@@ -51,6 +51,9 @@ class PassCosts:
     def overlap_slowdown(self):
         return 0.0
 
+    def shared_cores(self):
+        return None
+
     def mem_op_s(self, dtype, name, nbytes, eager):
         return 0.0
 
@@ -239,6 +242,59 @@ def test_two_flows_on_one_link_take_twice_as_long():
         ev.callbacks.append(lambda _e: ends.append(env.now))
     env.run()
     assert ends == pytest.approx([2.0, 2.0])
+
+
+def test_processes_sharing_cores_split_them_while_they_compute():
+    # 3 processes (rank 1 stands for 2) on 2 cores: 2/3 of a core each while all three
+    # compute; when rank 0's job of 1 s is done (t = 1.5), rank 1's two get a core each.
+    env = simpy.Environment()
+    fluid = Fluid(env, {}, interference=0.0, shared_cores=2, weight={0: 1.0, 1: 2.0})
+    ends = {}
+    for rank, work in ((0, 1.0), (1, 2.0)):
+        ev = fluid.run(Job(work_s=work, rank=rank))
+        ev.callbacks.append(lambda _e, r=rank: ends.setdefault(r, env.now))
+    env.run()
+    assert ends[0] == pytest.approx(1.5)
+    assert ends[1] == pytest.approx(1.5 + (2.0 - 1.0))
+    alone = Fluid(simpy.Environment(), {}, interference=0.0, shared_cores=2)
+    ev = alone.run(Job(work_s=1.0, rank=0))
+    alone.env.run()
+    assert ev.processed and alone.env.now == pytest.approx(1.0)  # one process: one core
+
+
+def test_a_crowded_pipeline_gives_its_bubble_to_the_other_replica():
+    # 4 processes on 2 cores cost 2x; priced as a fair share of 2 cores (the profile
+    # measured up to 2) or as a measured 2x slowdown (no sharing), every op costs alike.
+    # dp=4 keeps every process computing together: the same step either way. With pp=2
+    # the idle fill and drain let the other replica's ranks run faster, in the
+    # analytical bound and in the event engine.
+    from dataclasses import replace
+
+    from meshplan.api import simulate
+    from meshplan.costmodels.calibrated import CalibratedCosts, HardwareProfile
+
+    rate = 1e10
+    rows = [[m, n, k, 2 * m * n * k / rate] for m in (64, 256, 1024) for n in (64, 256, 1024)
+            for k in (64, 256, 1024)]
+    shared = HardwareProfile(device="t", gemm={"fp32": rows}, attention={},
+                             memory_bw_bytes_per_s=1e10, kernel_overhead_s=0.0,
+                             collectives={}, concurrency={"1": 1.0, "2": 1.0})
+    measured = replace(shared, concurrency={"1": 1.0, "2": 1.0, "4": 2.0})
+    model, cluster = load_model("tiny-dense"), load_cluster("cpu", gpus=4)
+    assert CalibratedCosts(cluster, shared).shared_cores() == (2, 2.0)
+    assert CalibratedCosts(cluster, measured).shared_cores() is None
+    work = TrainWorkload(seq_len=256, global_batch=16, dtype="fp32")
+
+    def step(text, prof, engine):
+        plan = Plan.parse(f"kernels=eager,attn=unfused,{text}")
+        return simulate(model, cluster, work, plan, profile=prof, engine=engine).step_time_s
+
+    dp = "dp=4,mbs=2,dp_overlap=off"
+    assert step(dp, shared, "analytical") == pytest.approx(step(dp, measured, "analytical"))
+    assert step(dp, shared, "des") == pytest.approx(step(dp, measured, "des"), rel=1e-6)
+    pp = "dp=2,pp=2,mbs=2"
+    for engine in ("analytical", "des"):
+        assert step(pp, shared, engine) < 0.95 * step(pp, measured, engine)
 
 
 @pytest.mark.parametrize("model,gpus,plan", [

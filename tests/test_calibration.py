@@ -261,6 +261,12 @@ def test_a_negative_host_residual_is_said_not_silently_floored():
     assert host_residual_s(-1.5e-3, "plain layer, backward", said.append) == 0.0
     assert said == ["plain layer, backward: the tables price it 1.500 ms above its measured "
                     "time; no host overhead fitted"]
+    from meshplan.validate.profile import backward_s
+
+    assert backward_s(5e-3, 2e-3, "rope", said.append) == pytest.approx(3e-3)
+    assert backward_s(1.8e-3, 2e-3, "attention (fp32, seq 64, head dim 32)", said.append) == 0
+    assert said[-1] == ("attention (fp32, seq 64, head dim 32): forward and backward timed "
+                        "0.200 ms below the forward alone; backward taken as 0")
 
 
 def test_rounds_keep_each_plan_s_median_run_and_cases_are_picked_by_name():

@@ -126,8 +126,11 @@ def gemm_rows(sizes: Iterable[int], dtypes: Iterable[str], device: torch.device,
 
 
 def attention_rows(seqs: Iterable[int], head_dims: Iterable[int], dtypes: Iterable[str],
-                   device: torch.device, heads: int = 4, max_flops: float = 2e9) -> list[list]:
+                   device: torch.device, heads: int = 4, max_flops: float = 2e9,
+                   say: Callable[[str], None] | None = None) -> list[list]:
     """[dtype, seq, head_dim, flops, forward s, backward s] of causal SDPA, batch 1."""
+    from .profile import backward_s
+
     rows, scrub = [], Scrub(device)
     for dtype in dtypes:
         for d in head_dims:
@@ -145,7 +148,8 @@ def attention_rows(seqs: Iterable[int], head_dims: Iterable[int], dtypes: Iterab
                 f_s, both = alternating_time_s(
                     [fwd, lambda grad=grad, q=q, k=k, v=v: torch.autograd.grad(
                         fwd(q, k, v), (q, k, v), grad)], device, scrub=scrub)
-                rows.append([dtype, s, d, flops, f_s, max(both - f_s, 0.0)])
+                rows.append([dtype, s, d, flops, f_s, backward_s(
+                    both, f_s, f"attention ({dtype}, seq {s}, head dim {d})", say)])
     return rows
 
 

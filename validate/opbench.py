@@ -51,17 +51,21 @@ def _blocks(h: int, ffn: int, vocab: int, t: int, heads: int, kv: int
             "embedding": (lambda: [embed(tokens)], [embed.weight])}
 
 
-def _time_block(fwd, leaves, device: torch.device, scrub: Scrub) -> tuple[float, float]:
+def _time_block(fwd, leaves, device: torch.device, scrub: Scrub, what: str,
+                say: Callable[[str], None] | None) -> tuple[float, float]:
     """(forward s, backward s): backward is forward+backward less forward."""
+    from .profile import backward_s
+
     def both():
         outs = fwd()
         torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
 
     f, fb = alternating_time_s([fwd, both], device, scrub=scrub)
-    return f, max(fb - f, 0.0)
+    return f, backward_s(fb, f, what, say)
 
 
-def op_rows(dtypes: tuple[str, ...], device: torch.device) -> dict[str, dict[str, list]]:
+def op_rows(dtypes: tuple[str, ...], device: torch.device,
+            say: Callable[[str], None] | None = None) -> dict[str, dict[str, list]]:
     """dtype -> op name -> rows [nominal bytes, forward s, backward s]."""
     out: dict[str, dict[str, list]] = {}
     scrub = Scrub(device)
@@ -82,7 +86,8 @@ def op_rows(dtypes: tuple[str, ...], device: torch.device) -> dict[str, dict[str
                 with torch.autocast("cpu", dtype=lowp, enabled=lowp is not None):
                     for name, (fwd, leaves) in blocks.items():
                         if name in ops:
-                            f, b = _time_block(fwd, leaves, device, scrub)
+                            f, b = _time_block(fwd, leaves, device, scrub,
+                                               f"{name} ({dtype}, {t} tokens, h {h})", say)
                             table.setdefault(name, []).append([ops[name].bytes, f, b])
         out[dtype] = table
     return out
@@ -94,7 +99,7 @@ def overheads(costs, dtype: str, device: torch.device,
     what `costs` prices its ops at, measured on a model so small that its ops cost next to
     nothing: (3-layer − 1-layer) / 2 less one layer's priced ops gives the per-layer part;
     the 1-layer model less one layer and its embedding/head ops gives the per-call part."""
-    from .profile import host_residual_s
+    from .profile import backward_s, host_residual_s
 
     t = 16
     calls = []
@@ -102,7 +107,8 @@ def overheads(costs, dtype: str, device: torch.device,
         fwd = _loss_call(_tiny_spec(layers), 1, t, device)
         calls += [fwd, lambda fwd=fwd: fwd().backward()]
     f1, fb1, f3, fb3 = alternating_time_s(calls, device, min_s=0.8, scrub=Scrub(device))
-    measured = {1: (f1, max(fb1 - f1, 0.0)), 3: (f3, max(fb3 - f3, 0.0))}
+    measured = {n: (f, backward_s(fb, f, f"{n}-layer model", say))
+                for n, f, fb in ((1, f1, fb1), (3, f3, fb3))}
     spec = _tiny_spec(1)
     s = _shard(1, t, dtype)
     priced_layer = _priced_s(costs, dtype, layer_ops(spec, s, False))

@@ -143,6 +143,18 @@ def host_residual_s(residual_s: float, what: str,
     return max(residual_s, 0.0)
 
 
+def backward_s(both_s: float, forward_s: float, what: str,
+               say: Callable[[str], None] | None = None) -> float:
+    """A backward's seconds: forward and backward timed together less the forward timed
+    in turn with them. On a drifting machine the pair can come out below the forward
+    alone; that is said (which op, by how much), and the backward is taken as none."""
+    diff = both_s - forward_s
+    if diff < 0:
+        (say or _stderr)(f"{what}: forward and backward timed {-diff * 1e3:.3f} ms below the "
+                         "forward alone; backward taken as 0")
+    return max(diff, 0.0)
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -204,7 +216,7 @@ def _single_process(opts: ProfileOptions, device, say) -> HardwareProfile:
     sweeps = []
     for i in range(opts.sweeps):
         say(f"compute tables, sweep {i + 1} of {opts.sweeps} ...")
-        sweeps.append(_sweep(opts, device))
+        sweeps.append(_sweep(opts, device, say))
     t = {name: median_rows([sw[name] for sw in sweeps], keys)
          for name, keys in SWEEP_KEYS.items()}
     gemm = {d: [r[1:] for r in t["gemm"] if r[0] == d] for d in opts.dtypes}
@@ -236,17 +248,19 @@ OPTIMIZERS = ("adam", "sgd")
 SWEEP_KEYS = {"gemm": 4, "attention": 4, "elementwise": 3, "optimizer": 3, "memory": 1}
 
 
-def _sweep(opts: ProfileOptions, device) -> dict[str, list[list]]:
+def _sweep(opts: ProfileOptions, device, say: Callable[[str], None] | None = None
+           ) -> dict[str, list[list]]:
     """Every single-process table once, as flat rows in a fixed order."""
     from . import microbench as mb
     from .opbench import op_rows
 
     with _bar(len(opts.gemm_sizes) ** 3 * len(opts.dtypes), "GEMM") as tick:
         gemm = mb.gemm_rows(opts.gemm_sizes, opts.dtypes, device, opts.max_gemm_flops, tick)
-    ops = op_rows(opts.dtypes, device) if device.type == "cpu" else {}
+    ops = op_rows(opts.dtypes, device, say) if device.type == "cpu" else {}
     return {
         "gemm": gemm,
-        "attention": mb.attention_rows(ATTN_SEQS, ATTN_HEAD_DIMS, opts.dtypes, device),
+        "attention": mb.attention_rows(ATTN_SEQS, ATTN_HEAD_DIMS, opts.dtypes, device,
+                                       say=say),
         "elementwise": [[d, op, *row] for d, table in ops.items()
                         for op, rows in table.items() for row in rows],
         "optimizer": [[name, *row] for name in OPTIMIZERS

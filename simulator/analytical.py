@@ -535,19 +535,26 @@ class PlanCosts:
             per_mb += sum(s != last for s in stages) * mem.stage_output_bytes(
                 self.model, self.shard)
         live = mem.inflight_microbatches(p.schedule, p.pp, p.vpp, rank, self.m)
-        acts = per_mb * live + self._transient_bytes(last in stages)
+        acts = per_mb * live
         if last in stages:
             acts += mem.head_held_bytes(self.model, self.shard, eager, p.schedule, p.pp,
                                         self.m)
         pending = mem.split_backward_pending(p.schedule, rank, self.m)
-        if pending:
-            grads = dense * mem.split_backward_grad_bytes(self.model, self.shard, False)
-            if moe:
-                grads += moe * mem.split_backward_grad_bytes(self.model, self.shard, True)
-            if last in stages:
-                grads += mem.head_grad_bytes(self.model, self.shard, eager)
-            acts += grads * pending
-        return acts
+        if not pending:
+            return acts + self._transient_bytes(last in stages)
+        # the peak follows a B, which keeps what its recompute and loss gradients made
+        held = self._held_for_w(False) * dense + (self._held_for_w(True) * moe if moe else 0.0)
+        if last in stages:
+            held += mem.head_grad_bytes(self.model, self.shard, eager)
+        return acts + pending * held
+
+    def _held_for_w(self, moe_layer: bool) -> float:
+        """What one layer holds for a micro-batch from its B to its W beyond what forward
+        kept: the weight GEMMs' output gradients, and what B recomputed (B retains the
+        graph, `mem.split_backward_grad_bytes`)."""
+        recomputed = self.layer_acts("none", moe_layer) - self.layer_acts(self.plan.recompute,
+                                                                          moe_layer)
+        return mem.split_backward_grad_bytes(self.model, self.shard, moe_layer) + recomputed
 
     # ---- offloading (`costmodels.offload`; the LP is `planner.offload`) ----------------
     def offload_problem(self, rank: int = 0) -> OffloadProblem:

@@ -83,3 +83,28 @@ def test_full_recompute_and_the_loss_backward_do_not_peak_together():
     kept = model.n_layers * layer(model, s, "full", False) + head_activation_bytes(model, s, True)
     brief = max(layer(model, s, "none", False, eager=True), loss_backward_bytes(model, s, True))
     assert full.memory.activations == pytest.approx(kept + brief)
+
+
+def test_a_split_backward_holds_what_b_recomputed_until_w():
+    # torch.distributed.pipelining's B retains the graph for W: under full recompute the
+    # layers' recomputed activations stay too. ZB-H1's last stage peaks after the B of
+    # every micro-batch it holds (p of them), so there full recompute saves nothing;
+    # under 1F1B it saves the one micro-batch's dropped activations, less the layer it
+    # briefly recomputes in backward.
+    from meshplan.core.plan import Plan
+    from meshplan.core.workload import TrainWorkload
+    from meshplan.costmodels.memory import layer_activation_bytes as layer
+    from meshplan.loaders import load_cluster, load_model
+    from meshplan.simulator.analytical import prepare
+
+    model, cluster = load_model("tiny-dense"), load_cluster("cpu").with_gpus(2)
+    work = TrainWorkload(seq_len=256, global_batch=16, dtype="fp32")
+
+    def acts(text):  # the last stage's rank
+        return prepare(model, cluster, work, Plan.parse(text), None).rank_memory(1).activations
+
+    s = Shard(mbs=2, seq=256, act_bytes=4)
+    dropped = 2 * (layer(model, s, "none", False) - layer(model, s, "full", False))
+    assert acts("pp=2,mbs=2,recompute=full,schedule=zb") == acts("pp=2,mbs=2,schedule=zb")
+    assert acts("pp=2,mbs=2") - acts("pp=2,mbs=2,recompute=full") == pytest.approx(
+        dropped - layer(model, s, "none", False))

@@ -193,7 +193,7 @@ def _add_validate(sub) -> None:
     va.add_argument("--cases", help="comma-separated case names: run only these")
     va.add_argument("--steps", type=int, default=8)
     va.add_argument("--rounds", type=int, default=1, help="passes over the suite, taking "
-                    "turns; each plan keeps its median round")
+                    "turns; each plan keeps its fastest round")
     va.add_argument("--warmup-steps", type=int, default=2)
     va.add_argument("--report", default="validate.md", help="markdown report path")
     va.add_argument("--plot", default="validate.png", help="scatter plot path")

@@ -269,15 +269,14 @@ def test_a_negative_host_residual_is_said_not_silently_floored():
                         "0.200 ms below the forward alone; backward taken as 0")
 
 
-def test_rounds_keep_each_plan_s_median_run_and_cases_are_picked_by_name():
-    from meshplan.validate.suite import CPU_SUITE, median_run, select
+def test_rounds_keep_each_plan_s_fastest_run_and_cases_are_picked_by_name():
+    from meshplan.validate.suite import CPU_SUITE, fastest_run, select
 
     runs = [{"step_time_s": t, "host_steal_fraction": s} for t, s in
             ((0.5, 0.3), (0.3, 0.0), (0.35, 0.1))]
-    kept = median_run(runs)
-    assert kept["step_time_s"] == 0.35 and kept["host_steal_fraction"] == 0.1
+    kept = fastest_run(runs)
+    assert kept["step_time_s"] == 0.3 and kept["host_steal_fraction"] == 0.0
     assert kept["round_step_times_s"] == [0.5, 0.3, 0.35]
-    assert median_run(runs[:2])["step_time_s"] == 0.3  # even count: the lower middle
     assert [c.name for c in select(CPU_SUITE, "cp2, dp2")] == ["dp2", "cp2"]
     assert select(CPU_SUITE, None) == CPU_SUITE
     with pytest.raises(SpecError, match="cases: dp3 not in the suite"):

@@ -119,9 +119,9 @@ class NominalCosts:
         MI210 (communication kernels take SMs and memory bandwidth)."""
         return OVERLAP_SLOWDOWN
 
-
     def shared_cores(self) -> tuple[int, float] | None:
-        return None
+        return None  # a GPU per process
+
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         return memory_time_s(self.device, nbytes * (eager_factor(name) if eager else 1.0))
 

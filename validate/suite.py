@@ -128,8 +128,8 @@ def validate(cases: tuple[Case, ...], profile: HardwareProfile | None, steps: in
             turn = f" (round {k + 1}/{rounds})" if rounds > 1 else ""
             say(f"[{i}/{len(cases)}]{turn} {case.name}: {pf.plan.to_text()}")
             runs[i - 1].append(run_case(pf, steps, warmup))
-    return [(case, _row(case, pf, fastest_run(measured)), fastest_run(measured))
-            for case, pf, measured in zip(cases, pfs, runs, strict=True)]
+    kept = [fastest_run(measured) for measured in runs]
+    return [(case, _row(case, pf, m), m) for case, pf, m in zip(cases, pfs, kept, strict=True)]
 
 
 def fastest_run(measured: list[dict]) -> dict:

@@ -137,10 +137,8 @@ def host_residual_s(residual_s: float, what: str,
     """A fitted host time: what ran less what the tables price. Below zero the tables
     price the work above its measured time; that is said (on stderr unless `say` is
     given), and no host time is fitted, since time spent cannot be negative."""
-    if residual_s < 0:
-        (say or _stderr)(f"{what}: the tables price it {-residual_s * 1e3:.3f} ms above its "
-                         f"measured time; no host overhead fitted")
-    return max(residual_s, 0.0)
+    return _said_floor(residual_s, f"{what}: the tables price it {-residual_s * 1e3:.3f} ms "
+                       "above its measured time; no host overhead fitted", say)
 
 
 def backward_s(both_s: float, forward_s: float, what: str,
@@ -149,10 +147,15 @@ def backward_s(both_s: float, forward_s: float, what: str,
     in turn with them. On a drifting machine the pair can come out below the forward
     alone; that is said (which op, by how much), and the backward is taken as none."""
     diff = both_s - forward_s
-    if diff < 0:
-        (say or _stderr)(f"{what}: forward and backward timed {-diff * 1e3:.3f} ms below the "
-                         "forward alone; backward taken as 0")
-    return max(diff, 0.0)
+    return _said_floor(diff, f"{what}: forward and backward timed {-diff * 1e3:.3f} ms below "
+                       "the forward alone; backward taken as 0", say)
+
+
+def _said_floor(seconds: float, message: str, say: Callable[[str], None] | None) -> float:
+    """`seconds`, or 0 with `message` said (on stderr unless `say`) when below zero."""
+    if seconds < 0:
+        (say or _stderr)(message)
+    return max(seconds, 0.0)
 
 
 def _stderr(message: str) -> None:

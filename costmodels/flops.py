@@ -177,12 +177,15 @@ def embedding_ops(model: ModelSpec, s: Shard) -> list[Op]:
     return [_mem("embedding", rows * s.sp_tokens * model.hidden_size * s.act_bytes)]
 
 
-def head_ops(model: ModelSpec, s: Shard) -> list[Op]:
-    """Final norm, vocab-parallel logits and fp32 cross-entropy (read, exp, write)."""
+def head_ops(model: ModelSpec, s: Shard, gathered: bool = False) -> list[Op]:
+    """Final norm, vocab-parallel logits and fp32 cross-entropy (read, exp, write).
+    `gathered`: the logits are all-gathered first (an eager head under TP, see
+    `memory.head_activation_bytes`), so the cross-entropy reads the whole vocabulary."""
     t, h, v = s.tokens, model.hidden_size, model.vocab_size // s.tp
+    ce_v = model.vocab_size if gathered else v
     return [_mem("final_norm", 2 * s.sp_tokens * h * s.act_bytes),
             _gemm("logits", t, h, v),
-            _mem("cross_entropy", t * v * (s.act_bytes + 2 * 4))]
+            _mem("cross_entropy", t * ce_v * (s.act_bytes + 2 * 4))]
 
 
 # Bytes an eager PyTorch implementation moves relative to one fused kernel (read inputs

@@ -387,16 +387,52 @@ class PlanCosts:
         """Embedding (first stage) and LM head + loss (last stage) of one micro-batch."""
         key = (self.shard, self.plan.kernels, first, last)
         if key not in self.cache.ends:
+            eager = self.plan.kernels == "eager"
             extra: list[Op] = []
             if first:
                 extra += embedding_ops(self.model, self.shard)
             if last:
-                extra += head_ops(self.model, self.shard)
+                extra += head_ops(self.model, self.shard, gathered=eager and self.plan.tp > 1)
             # embedding and LM head stay in 16-bit under FP8 (torchao default)
             dtype = "bf16" if self.dtype == "fp8" else self.dtype
-            self.cache.ends[key] = (Phase(compute=self._time(extra, dtype)),
-                                    Phase(compute=self._time(backward(extra), dtype)))
+            comm_f, comm_b = (sum(self.costs.collective_s(self.tp_group, op, nbytes)
+                                  for op, nbytes in way) for way in self.ends_tp(first, last))
+            self.cache.ends[key] = (Phase(compute=self._time(extra, dtype), comm=comm_f),
+                                    Phase(compute=self._time(backward(extra), dtype),
+                                          comm=comm_b))
         return self.cache.ends[key]
+
+    def ends_tp(self, first: bool, last: bool) -> tuple[list[tuple[coll.Collective, float]],
+                                                        list[tuple[coll.Collective, float]]]:
+        """The TP collectives of the embedding and the LM head for one micro-batch,
+        (forward, backward), each (op, bytes of the whole buffer), exposed.
+
+        The vocabulary-parallel embedding's output holds partial sums: under SP they are
+        reduce-scattered to the sequence shards (all-gathered back in backward), without
+        SP all-reduced. The head's input is all-gathered from the sequence shards under SP
+        (reduce-scattered back); without SP its gradient is all-reduced (Shoeybi et al.
+        2019 §3, Korthikanti et al. 2022 §4.2.2). An eager loss reads all-gathered logits
+        (meshplan's runtime, torchtitan without loss_parallel; the memory model keeps them,
+        `memory.head_activation_bytes`); a fused one stays vocabulary-parallel, with three
+        all-reduces of one fp32 per token (max, target logit, sum of exponentials;
+        Megatron-LM's vocab-parallel cross-entropy)."""
+        fwd: list[tuple[coll.Collective, float]] = []
+        bwd: list[tuple[coll.Collective, float]] = []
+        if self.plan.tp == 1:
+            return fwd, bwd
+        act, sp = self.tp_bytes, self.plan.sp
+        if first:
+            fwd.append(("reduce_scatter" if sp else "all_reduce", act))
+            bwd += [("all_gather", act)] if sp else []
+        if last:
+            fwd += [("all_gather", act)] if sp else []
+            bwd.append(("reduce_scatter" if sp else "all_reduce", act))
+            if self.plan.kernels == "eager":
+                logits = self.shard.tokens * self.model.vocab_size * self.shard.act_bytes
+                fwd.append(("all_gather", logits))
+            else:
+                fwd += [("all_reduce", 4 * self.shard.tokens)] * 3
+        return fwd, bwd
 
     @cached_property
     def rank_phases(self) -> list[Phase]:

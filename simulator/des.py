@@ -229,6 +229,9 @@ def _stage_program(cm: PlanCosts, pr: _Pricer, stage: int, split_w: bool) -> _St
     over_f = sum(cm.costs.overhead_s(u, backward=False) for u in units)
     over_b = sum(cm.costs.overhead_s(u, backward=True) for u in units)
     fwd, bwd, wgt = [_Block(compute_s=over_f + (ef.compute if ef else 0.0))], [], []
+    ends_f, ends_b = cm.ends_tp(first_s, last_s)
+    fwd += [_Block(flows=pr.collective("tp", cm.tp_group, op, size, label=f"ends {op}"))
+            for op, size in ends_f]
     kinds = [False] * dense + [True] * moe
     per_layer = {k: _layer_blocks(cm.layer_parts(k), pr, cm, k, split_w) for k in set(kinds)}
     for k in kinds:
@@ -239,6 +242,8 @@ def _stage_program(cm: PlanCosts, pr: _Pricer, stage: int, split_w: bool) -> _St
     bwd.insert(0, _Block(compute_s=over_b))
     if eb is not None:
         bwd.append(_Block(compute_s=eb.compute))
+    bwd += [_Block(flows=pr.collective("tp", cm.tp_group, op, size, label=f"ends {op}"))
+            for op, size in ends_b]
     return _StageProgram(fwd=_merge(fwd), bwd=_merge(bwd), wgt=_merge(wgt), layers=len(kinds))
 
 

@@ -123,3 +123,35 @@ def _bucketize(params: list[nn.Parameter], group) -> list[Bucket]:
         out[-1].params.append(p)
         size += nbytes
     return out
+
+
+def reduce_partial_grads(params: list[nn.Parameter]) -> int:
+    """Reduce gradients still holding partial sums (DTensor `Partial`), one collective per
+    layout, before the optimizer reads them; returns how many collectives ran.
+
+    Under sequence parallelism a replicated norm weight sees a sequence shard on each TP
+    rank, so its gradient is a partial sum. Left to the optimizer, DTensor reduces it at
+    every use (Adam reads a gradient three times: three all-reduces per weight and step,
+    27 for tiny-dense's 9 norms in a traced step). Megatron-LM reduces these gradients
+    once per step in one coalesced all-reduce (`_allreduce_layernorm_grads`); so does this,
+    one all-reduce of the flattened gradients per (mesh, placements)."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(isinstance(x, Partial) for x in g.placements):
+            groups.setdefault((id(g.device_mesh), g.placements), []).append(p)
+    for members in groups.values():
+        first = members[0].grad
+        flat = torch.cat([p.grad.to_local().reshape(-1) for p in members])
+        whole = [Replicate() if isinstance(x, Partial) else x for x in first.placements]
+        flat = DTensor.from_local(flat, first.device_mesh, first.placements,
+                                  run_check=False).redistribute(placements=whole).to_local()
+        offset = 0
+        for p in members:
+            g = p.grad.to_local()
+            p.grad = DTensor.from_local(flat[offset:offset + g.numel()].view_as(g),
+                                        first.device_mesh, whole, run_check=False)
+            offset += g.numel()
+    return len(groups)

@@ -28,7 +28,7 @@ from meshplan.kernels.cross_entropy import cross_entropy
 
 from . import checkpoint as ckpt
 from .data import SyntheticData, TokenFile, rank_micro_batches
-from .grads import GradReducer
+from .grads import GradReducer, reduce_partial_grads
 from .measure import MemoryMeter, host_cpu_ticks, steal_fraction, sync
 from .mesh import Mesh, build_mesh
 from .model import Transformer, init_weights
@@ -151,6 +151,7 @@ def run(pf: PlanFile, opts: RunOptions) -> dict | None:
                                    cp_rank=mesh.coord("cp"), mbs=plan.mbs, device=device)
         with _autocast(work.dtype, device):
             local = rank.step(micro)
+        reduce_partial_grads(params)
         optim.step()
         optim.zero_grad(set_to_none=True)
         return local

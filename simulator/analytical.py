@@ -480,6 +480,20 @@ class PlanCosts:
         dense, expert = self.rank_params(rank)
         return (4 if self.work.dtype == "fp32" else 2) * (dense + expert)
 
+    def sp_grads_bytes(self, rank: int) -> float:
+        """SP: the norm weights are replicated over TP but each rank saw only its sequence
+        shard, so their gradients are partial sums, all-reduced over TP once per step in
+        one buffer (Megatron-LM `_allreduce_layernorm_grads`; meshplan's runtime,
+        `grads.reduce_partial_grads`): fp32, two norms a layer and the final norm."""
+        if self.plan.tp == 1 or not self.plan.sp:
+            return 0.0
+        final = len(self.stage_layers) - 1 in self.rank_stages[rank]
+        return 4 * self.model.norm_params() * (2 * self.rank_layers(rank) + final)
+
+    def sp_grads_s(self, rank: int) -> float:
+        nbytes = self.sp_grads_bytes(rank)
+        return self.costs.collective_s(self.tp_group, "all_reduce", nbytes) if nbytes else 0.0
+
     def p2p_s(self) -> float:
         """One pipeline send; steady-state sends hide behind compute, fill/drain's do not."""
         nbytes = self.shard.sp_tokens * self.model.hidden_size * self.shard.act_bytes
@@ -824,7 +838,7 @@ def assemble(cm: PlanCosts) -> SimResult:
     phase_f = sum(f.total for f, _ in fwd_b)
     phase_b = sum(b.total for _, b in fwd_b)
     dp_exposed, dp_total = cm.dp_exposed_s(worst, phase_f, phase_b)
-    dp_exposed += cm.twin_sync_s(worst)
+    dp_exposed += cm.twin_sync_s(worst) + cm.sp_grads_s(worst)
     opt_s, offload_s = cm.optimizer_s(worst)
     offload_s += max(0.0, cm.stream_s() - pipeline)  # streaming longer than the compute
     step = pipeline + dp_exposed + opt_s + offload_s

@@ -610,6 +610,11 @@ class _Engine:
             flows = hw.pr.collective("pp", hw.cm.twin_group, "all_reduce",
                                      hw.cm.twin_sync_bytes(rank.pp), twin, "twin all_reduce")
             yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
+        sp = hw.cm.sp_grads_bytes(rank.pp)
+        if sp:  # SP: the norm weights' partial gradients, once per step
+            flows = hw.pr.collective("tp", hw.cm.tp_group, "all_reduce", sp,
+                                     label="sp norm grads all_reduce")
+            yield from self._wait(rank, self._run_flows(rank, flows), "exposed_comm")
 
     def _optimizer(self, rank: _Rank):
         """The optimizer step, the host offload after it, and, for ZeRO-1/2 without

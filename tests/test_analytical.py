@@ -214,3 +214,19 @@ def test_event_engine_runs_the_ends_tp_collectives():
     a = mp.simulate(m, c, w, plan)
     d = simulate_des(m, c, w, plan).result
     assert d.step_time_s == pytest.approx(a.step_time_s, rel=0.01)
+
+
+def test_sp_norm_gradients_are_reduced_once_per_step():
+    """Under SP each rank's norm-weight gradients are partial sums over its sequence shard:
+    one fp32 all-reduce over TP per step of two norms a layer and the final norm."""
+    from meshplan.simulator.analytical import prepare
+    m, c = mp.load_model("llama3-8b"), mp.load_cluster("h100-sxm", 8)
+    w = mp.TrainWorkload(seq_len=4096, global_batch=8)
+    sp = prepare(m, c, w, mp.Plan.parse("tp=2,dp=4,mbs=1,sp=on"), None)
+    assert sp.sp_grads_bytes(0) == 4 * m.hidden_size * (2 * m.n_layers + 1)
+    assert sp.sp_grads_s(0) > 0
+    off = prepare(m, c, w, mp.Plan.parse("tp=2,dp=4,mbs=1,sp=off"), None)
+    assert off.sp_grads_bytes(0) == 0.0
+    pp = prepare(m, c, w, mp.Plan.parse("tp=2,pp=2,dp=2,mbs=1,sp=on"), None)
+    assert pp.sp_grads_bytes(0) == 4 * m.hidden_size * m.n_layers  # no final norm
+    assert pp.sp_grads_bytes(1) == 4 * m.hidden_size * (m.n_layers + 1)

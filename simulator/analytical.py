@@ -95,7 +95,8 @@ class LayerParts:
     tp_f: float
     tp_b: float
     tp_overlap: bool  # TP chunked against the GEMMs (Megatron --tp-comm-overlap)
-    cp_ring: float  # forward ring passes; backward sends twice as much
+    cp_ring: float  # forward ring passes
+    cp_ring_b: float  # backward ring passes (K/V and their gradients)
     ep: float  # one all-to-all (dispatch or combine)
     recompute: float
     slowdown: float  # compute slowdown while communication overlaps it
@@ -109,7 +110,7 @@ class LayerParts:
             tp_f = exposed_beside(self.gemm_f, tp_f, sd)
             tp_b = exposed_beside(2 * self.gemm_f, tp_b, sd)
         cp_f = exposed_beside(self.attn_f, self.cp_ring, sd)
-        cp_b = exposed_beside(self.attn_b, 2 * self.cp_ring, sd)
+        cp_b = exposed_beside(self.attn_b, self.cp_ring_b, sd)
         return tp_f + cp_f + 2 * self.ep, tp_b + cp_b + 2 * self.ep
 
     @property
@@ -265,7 +266,7 @@ class PlanCosts:
         tp = self._tp_comm()
         parts = LayerParts(fwd=fwd, bwd=bwd, gemm_f=gemm_f, attn_f=attn_f, attn_b=attn_b,
                            tp_f=tp, tp_b=tp, tp_overlap=self.plan.tp_overlap,
-                           cp_ring=self._cp_ring(),
+                           cp_ring=self._cp_ring(), cp_ring_b=self._cp_ring(backward=True),
                            ep=self._ep_comm() if moe_layer else 0.0, recompute=0.0,
                            slowdown=self.costs.overlap_slowdown())
         recompute = {"full": fwd + parts.exposed()[0], "selective": attn_f, "none": 0.0,
@@ -304,14 +305,28 @@ class PlanCosts:
             one = self.costs.collective_s(g, "all_reduce", nbytes)
         return 2 * one
 
-    def _cp_ring(self) -> float:
-        """Ring attention: K/V blocks travel cp−1 hops in forward (twice that in backward,
-        K/V and their gradients), hidden behind blockwise attention (each rank computes
-        its causal share; the flash kernels run per chunk pair)."""
+    def _cp_ring(self, backward: bool = False) -> float:
+        """Ring attention, hidden behind blockwise attention (each rank computes its
+        causal share; the flash kernels run per chunk pair): K/V blocks travel cp−1 hops
+        in forward. In backward they travel cp−1 hops again beside their fp32 gradients,
+        which take one hop more to return to the block's owner (ring-flash-attention,
+        torch's context_parallel; meshplan's `runtime.context`), one message a hop."""
         if self.plan.cp == 1:
             return 0.0
         crosses = self.cp_group.nodes > 1
-        return (self.plan.cp - 1) * self.costs.p2p_s(crosses, self.cp_step_bytes)
+        hops = self.plan.cp - 1
+        if not backward:
+            return hops * self.costs.p2p_s(crosses, self.cp_step_bytes)
+        grads = self.cp_step_bytes * 4 / self.shard.act_bytes
+        return hops * self.costs.p2p_s(crosses, self.cp_step_bytes + grads) + \
+            self.costs.p2p_s(crosses, grads)
+
+    @property
+    def cp_ring_bytes(self) -> tuple[float, float]:
+        """Bytes a rank sends around the ring per layer and micro-batch, (fwd, bwd)."""
+        hops, kv = self.plan.cp - 1, self.cp_step_bytes
+        grads = kv * 4 / self.shard.act_bytes
+        return hops * kv, hops * (kv + grads) + grads
 
     def _ep_comm(self) -> float:
         """One of the dispatch and combine all-to-alls each way (GShard; Megatron-Core MoE)."""

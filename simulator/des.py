@@ -168,21 +168,22 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
                   ) -> tuple[list[_Block], list[_Block], list[_Block]]:
     """(forward, backward, weight-gradient) blocks of one layer for one micro-batch."""
     # two TP all-reduces each way (as SP's all-gathers plus reduce-scatters: the same bus
-    # bytes), the ring's cp − 1 passes (twice in backward), one all-to-all at a time
+    # bytes), the ring's passes (`PlanCosts._cp_ring`), one all-to-all at a time
     tp_op = "all_gather+reduce_scatter" if cm.plan.sp else "all_reduce"
 
     def tp(t: float) -> tuple[_Flow, ...]:
         return pr.collective("tp", cm.tp_group, "all_reduce", 2 * cm.tp_bytes, t, tp_op)
 
-    def ring(k: int) -> tuple[_Flow, ...]:
-        size = k * (cm.plan.cp - 1) * cm.cp_step_bytes
-        return pr.collective("cp", cm.cp_group, "p2p", size, k * parts.cp_ring, "ring")
+    def ring(backward: bool) -> tuple[_Flow, ...]:
+        size = cm.cp_ring_bytes[backward]
+        t = parts.cp_ring_b if backward else parts.cp_ring
+        return pr.collective("cp", cm.cp_group, "p2p", size, t, "ring")
 
     ep = pr.collective("ep", cm.ep_group, "all_to_all", cm.ep_bytes, parts.ep) if moe else ()
     fwd: list[_Block] = [_Block(gather=True)]
     rest = parts.fwd
     if parts.cp_ring:
-        fwd.append(_Block(compute_s=parts.attn_f, flows=ring(1)))
+        fwd.append(_Block(compute_s=parts.attn_f, flows=ring(False)))
         rest -= parts.attn_f
     if parts.tp_f and parts.tp_overlap:
         fwd.append(_Block(compute_s=parts.gemm_f, flows=tp(parts.tp_f)))
@@ -199,7 +200,7 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
     rest = parts.bwd - weight
     bwd += [_Block(flows=ep), _Block(flows=ep)] if ep else []
     if parts.cp_ring:
-        bwd.append(_Block(compute_s=parts.attn_b, flows=ring(2)))
+        bwd.append(_Block(compute_s=parts.attn_b, flows=ring(True)))
         rest -= parts.attn_b
     if parts.tp_b and parts.tp_overlap:
         tp_gemm = min(2 * parts.gemm_f, rest)

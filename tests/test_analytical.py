@@ -230,3 +230,18 @@ def test_sp_norm_gradients_are_reduced_once_per_step():
     pp = prepare(m, c, w, mp.Plan.parse("tp=2,pp=2,dp=2,mbs=1,sp=on"), None)
     assert pp.sp_grads_bytes(0) == 4 * m.hidden_size * m.n_layers  # no final norm
     assert pp.sp_grads_bytes(1) == 4 * m.hidden_size * (m.n_layers + 1)
+
+
+def test_ring_backward_returns_the_gradients_home():
+    """Backward sends K/V cp−1 hops beside their fp32 gradients, which take cp hops: for
+    bf16 at cp=4, 3·(kv + 2kv) + 2kv = 11 K/V blocks against the forward's 3."""
+    from meshplan.simulator.analytical import prepare
+    m, c = mp.load_model("llama3-8b"), mp.load_cluster("h100-sxm", 8)
+    cm = prepare(m, c, mp.TrainWorkload(seq_len=8192, global_batch=2),
+                 mp.Plan.parse("cp=4,dp=2,mbs=1"), None)
+    kv = cm.cp_step_bytes
+    assert cm.cp_ring_bytes == (3 * kv, 11 * kv)
+    parts = cm.layer_parts(False)
+    assert parts.cp_ring == pytest.approx(3 * cm.costs.p2p_s(False, kv))
+    assert parts.cp_ring_b == pytest.approx(3 * cm.costs.p2p_s(False, 3 * kv)
+                                            + cm.costs.p2p_s(False, 2 * kv))

@@ -98,6 +98,7 @@ class LayerParts:
     cp_ring: float  # forward ring passes
     cp_ring_b: float  # backward ring passes (K/V and their gradients)
     ep: float  # one all-to-all (dispatch or combine)
+    ep_counts: float  # the forward's exchange of routed-token counts before dispatch
     recompute: float
     slowdown: float  # compute slowdown while communication overlaps it
 
@@ -111,7 +112,7 @@ class LayerParts:
             tp_b = exposed_beside(2 * self.gemm_f, tp_b, sd)
         cp_f = exposed_beside(self.attn_f, self.cp_ring, sd)
         cp_b = exposed_beside(self.attn_b, self.cp_ring_b, sd)
-        return tp_f + cp_f + 2 * self.ep, tp_b + cp_b + 2 * self.ep
+        return tp_f + cp_f + 2 * self.ep + self.ep_counts, tp_b + cp_b + 2 * self.ep
 
     @property
     def phases(self) -> tuple[Phase, Phase]:
@@ -267,7 +268,8 @@ class PlanCosts:
         parts = LayerParts(fwd=fwd, bwd=bwd, gemm_f=gemm_f, attn_f=attn_f, attn_b=attn_b,
                            tp_f=tp, tp_b=tp, tp_overlap=self.plan.tp_overlap,
                            cp_ring=self._cp_ring(), cp_ring_b=self._cp_ring(backward=True),
-                           ep=self._ep_comm() if moe_layer else 0.0, recompute=0.0,
+                           ep=self._ep_comm() if moe_layer else 0.0,
+                           ep_counts=self._ep_counts() if moe_layer else 0.0, recompute=0.0,
                            slowdown=self.costs.overlap_slowdown())
         recompute = {"full": fwd + parts.exposed()[0], "selective": attn_f, "none": 0.0,
                      "op": gemm_f / 2 + self._time([o for o in ops if o.kind == "mem"])}[
@@ -333,6 +335,20 @@ class PlanCosts:
         if self.plan.ep == 1:
             return 0.0
         return self.costs.collective_s(self.ep_group, "all_to_all", self.ep_bytes)
+
+    def _ep_counts(self) -> float:
+        """Dropless dispatch first tells every EP rank how many tokens it will receive
+        per expert: a small all-to-all of int64 counts, latency-bound, before each forward
+        dispatch (Megatron-Core's all-to-all token dispatcher; meshplan's runtime,
+        `experts.ExpertDispatch`). Backward reuses the counts."""
+        if self.plan.ep == 1:
+            return 0.0
+        return self.costs.collective_s(self.ep_group, "all_to_all", self.ep_counts_bytes)
+
+    @property
+    def ep_counts_bytes(self) -> float:
+        """The count exchange's buffer: one int64 per expert slot of the EP group."""
+        return 8 * self.experts_per_rank * self.plan.ep
 
     # message sizes of one layer and micro-batch
     @property

@@ -180,6 +180,8 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
         return pr.collective("cp", cm.cp_group, "p2p", size, t, "ring")
 
     ep = pr.collective("ep", cm.ep_group, "all_to_all", cm.ep_bytes, parts.ep) if moe else ()
+    counts = pr.collective("ep", cm.ep_group, "all_to_all", cm.ep_counts_bytes,
+                           parts.ep_counts, "counts") if moe else ()
     fwd: list[_Block] = [_Block(gather=True)]
     rest = parts.fwd
     if parts.cp_ring:
@@ -191,7 +193,7 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
     fwd.append(_Block(compute_s=rest))
     if parts.tp_f and not parts.tp_overlap:
         fwd.append(_Block(flows=tp(parts.tp_f)))
-    fwd += [_Block(flows=ep), _Block(flows=ep)] if ep else []
+    fwd += [_Block(flows=counts), _Block(flows=ep), _Block(flows=ep)] if ep else []
 
     weight = parts.gemm_f if split_w else 0.0  # weight-gradient GEMMs = the forward's
     bwd: list[_Block] = [_Block(gather=True)]

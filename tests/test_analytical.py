@@ -245,3 +245,19 @@ def test_ring_backward_returns_the_gradients_home():
     assert parts.cp_ring == pytest.approx(3 * cm.costs.p2p_s(False, kv))
     assert parts.cp_ring_b == pytest.approx(3 * cm.costs.p2p_s(False, 3 * kv)
                                             + cm.costs.p2p_s(False, 2 * kv))
+
+
+def test_dropless_dispatch_exchanges_counts_first():
+    """Each MoE layer's forward exchanges the routed-token counts (one int64 per expert
+    slot of the EP group) before dispatching; backward reuses them."""
+    from meshplan.simulator.analytical import prepare
+    m, c = mp.load_model("mixtral-8x7b"), mp.load_cluster("h100-sxm", 8)
+    w = mp.TrainWorkload(seq_len=4096, global_batch=8)
+    cm = prepare(m, c, w, mp.Plan.parse("dp=8,ep=8,mbs=1"), None)
+    assert cm.ep_counts_bytes == 8 * m.moe.n_experts
+    parts = cm.layer_parts(True)
+    assert parts.ep_counts == pytest.approx(
+        cm.costs.collective_s(cm.ep_group, "all_to_all", 8 * m.moe.n_experts))
+    f, b = parts.exposed()
+    assert f - b == pytest.approx(parts.ep_counts)  # no other one-way difference here
+    assert prepare(m, c, w, mp.Plan.parse("dp=8,mbs=1"), None).layer_parts(True).ep_counts == 0

@@ -188,19 +188,39 @@ def test_more_processes_than_cores_share_them_fairly(monkeypatch):
     the other core's traffic, run 2 × 1.1 slower than one alone."""
     from meshplan.validate import profile as prof_mod
 
-    monkeypatch.setattr(prof_mod.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(prof_mod, "_commbench", lambda n, opts, gemm: {
-        "collectives": [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]],
-        "gemm": [[64, 64, 64, 2.2 if n == 2 else 9.0, 2.0],  # [m, n, k, together, alone]
-                 [128, 64, 64, 1.0, 1.0], [64, 128, 64, 3.3, 3.0]],
-        "overlap_slowdown": 0.2})
-    device = type("Device", (), {"type": "cpu"})()
-    shared = prof_mod._shared_machine(prof_mod.ProfileOptions(processes=(2, 4)), device,
-                                      say=lambda m: None)
+    def commbench(n: int) -> dict:
+        return {"collectives": [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]],
+                "gemm": [[64, 64, 64, 2.2 if n == 2 else 9.0, 2.0],  # [m, n, k, together,
+                         [128, 64, 64, 1.0, 1.0], [64, 128, 64, 3.3, 3.0]],  # alone]
+                "overlap_slowdown": 0.2}
+
+    shared = prof_mod._shared_machine(prof_mod.ProfileOptions(processes=(2, 4)),
+                                      [{2: commbench(2), 4: commbench(4)}], cores=2)
     assert shared["concurrency"] == {"1": 1.0, "2": pytest.approx(1.1)}
     assert set(shared["collectives"]) == {"2", "4"}
     prof = replace_concurrency(synthetic(), shared["concurrency"])
     assert CalibratedCosts(load_cluster("cpu", gpus=4), prof).slowdown == pytest.approx(2.2)
+
+
+def test_multi_process_benchmarks_keep_their_fastest_pass():
+    """Collective rows and mechanism records come from the fastest of the passes, a
+    mechanism's 1- and 3-layer times from one pass together; ratios take the median."""
+    from meshplan.validate import profile as prof_mod
+
+    def comm(t: float, overlap: float) -> dict:
+        return {"collectives": [["all_reduce", 1024, t], ["all_reduce", 4096, 2 * t]],
+                "gemm": [], "overlap_slowdown": overlap}
+
+    passes = [{2: comm(5e-4, 0.1)}, {2: comm(1e-4, 0.3)}, {2: comm(9e-4, 0.2)}]
+    opts = prof_mod.ProfileOptions(processes=(2,))
+    shared = prof_mod._shared_machine(opts, passes, cores=2)
+    assert shared["collectives"]["2"] == prof_mod.fit_collectives(
+        [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]], 2)
+    assert shared["overlap_slowdown"] == {"2": pytest.approx(0.2)}
+
+    calm = {"tp": {"1": [0.01, 0.02], "3": [0.03, 0.05]}, "pp": {"2": 0.2, "6": 0.5}}
+    busy = {"tp": {"1": [0.005, 0.01], "3": [0.09, 0.2]}, "pp": {"2": 0.1, "6": 0.4}}
+    assert prof_mod.fastest_pass([busy, calm]) == {"tp": calm["tp"], "pp": busy["pp"]}
 
 
 def test_each_table_row_is_the_median_of_the_sweeps():

@@ -308,27 +308,23 @@ class PlanCosts:
         return 2 * one
 
     def _cp_ring(self, backward: bool = False) -> float:
-        """Ring attention, hidden behind blockwise attention (each rank computes its
-        causal share; the flash kernels run per chunk pair): K/V blocks travel cp−1 hops
-        in forward. In backward they travel cp−1 hops again beside their fp32 gradients,
-        which take one hop more to return to the block's owner (ring-flash-attention,
-        torch's context_parallel; meshplan's `runtime.context`), one message a hop."""
-        if self.plan.cp == 1:
-            return 0.0
+        """Ring attention's messages (`cp_ring_messages`) one after another, hidden
+        behind blockwise attention (each rank computes its causal share; the flash
+        kernels run per chunk pair)."""
         crosses = self.cp_group.nodes > 1
-        hops = self.plan.cp - 1
-        if not backward:
-            return hops * self.costs.p2p_s(crosses, self.cp_step_bytes)
-        grads = self.cp_step_bytes * 4 / self.shard.act_bytes
-        return hops * self.costs.p2p_s(crosses, self.cp_step_bytes + grads) + \
-            self.costs.p2p_s(crosses, grads)
+        return sum(self.costs.p2p_s(crosses, b) for b in self.cp_ring_messages(backward))
 
-    @property
-    def cp_ring_bytes(self) -> tuple[float, float]:
-        """Bytes a rank sends around the ring per layer and micro-batch, (fwd, bwd)."""
+    def cp_ring_messages(self, backward: bool) -> list[float]:
+        """Bytes of each message a rank sends around the ring per layer and micro-batch:
+        K/V blocks travel cp−1 hops in forward. In backward they travel cp−1 hops again
+        beside their fp32 gradients, which take one hop more to return to the block's
+        owner (ring-flash-attention, torch's context_parallel; meshplan's
+        `runtime.context`), one message a hop."""
         hops, kv = self.plan.cp - 1, self.cp_step_bytes
+        if not backward:
+            return [kv] * hops
         grads = kv * 4 / self.shard.act_bytes
-        return hops * kv, hops * (kv + grads) + grads
+        return [kv + grads] * hops + [grads] * (hops > 0)
 
     def _ep_comm(self) -> float:
         """One of the dispatch and combine all-to-alls each way (GShard; Megatron-Core MoE)."""

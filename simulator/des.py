@@ -175,7 +175,7 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
         return pr.collective("tp", cm.tp_group, "all_reduce", 2 * cm.tp_bytes, t, tp_op)
 
     def ring(backward: bool) -> tuple[_Flow, ...]:
-        size = cm.cp_ring_bytes[backward]
+        size = sum(cm.cp_ring_messages(backward))
         t = parts.cp_ring_b if backward else parts.cp_ring
         return pr.collective("cp", cm.cp_group, "p2p", size, t, "ring")
 
@@ -232,9 +232,10 @@ def _stage_program(cm: PlanCosts, pr: _Pricer, stage: int, split_w: bool) -> _St
     over_f = sum(cm.costs.overhead_s(u, backward=False) for u in units)
     over_b = sum(cm.costs.overhead_s(u, backward=True) for u in units)
     fwd, bwd, wgt = [_Block(compute_s=over_f + (ef.compute if ef else 0.0))], [], []
-    ends_f, ends_b = cm.ends_tp(first_s, last_s)
-    fwd += [_Block(flows=pr.collective("tp", cm.tp_group, op, size, label=f"ends {op}"))
-            for op, size in ends_f]
+    ends_f, ends_b = ([_Block(flows=pr.collective("tp", cm.tp_group, op, size,
+                                                  label=f"ends {op}"))
+                       for op, size in way] for way in cm.ends_tp(first_s, last_s))
+    fwd += ends_f
     kinds = [False] * dense + [True] * moe
     per_layer = {k: _layer_blocks(cm.layer_parts(k), pr, cm, k, split_w) for k in set(kinds)}
     for k in kinds:
@@ -245,8 +246,7 @@ def _stage_program(cm: PlanCosts, pr: _Pricer, stage: int, split_w: bool) -> _St
     bwd.insert(0, _Block(compute_s=over_b))
     if eb is not None:
         bwd.append(_Block(compute_s=eb.compute))
-    bwd += [_Block(flows=pr.collective("tp", cm.tp_group, op, size, label=f"ends {op}"))
-            for op, size in ends_b]
+    bwd += ends_b
     return _StageProgram(fwd=_merge(fwd), bwd=_merge(bwd), wgt=_merge(wgt), layers=len(kinds))
 
 

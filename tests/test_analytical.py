@@ -240,7 +240,8 @@ def test_ring_backward_returns_the_gradients_home():
     cm = prepare(m, c, mp.TrainWorkload(seq_len=8192, global_batch=2),
                  mp.Plan.parse("cp=4,dp=2,mbs=1"), None)
     kv = cm.cp_step_bytes
-    assert cm.cp_ring_bytes == (3 * kv, 11 * kv)
+    assert cm.cp_ring_messages(False) == [kv] * 3
+    assert cm.cp_ring_messages(True) == [3 * kv] * 3 + [2 * kv]
     parts = cm.layer_parts(False)
     assert parts.cp_ring == pytest.approx(3 * cm.costs.p2p_s(False, kv))
     assert parts.cp_ring_b == pytest.approx(3 * cm.costs.p2p_s(False, 3 * kv)

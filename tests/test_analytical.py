@@ -179,15 +179,11 @@ def test_embedding_and_head_pay_their_tp_collectives(sp):
     each way per micro-batch (SP: reduce-scatter and all-gather; else one all-reduce each
     way), and an eager head gathers its vocabulary-sharded logits (as meshplan's runtime
     does: `gloo:all_gather` of [mbs, seq, vocab/tp] per micro-batch in its trace)."""
-    from meshplan.simulator.analytical import prepare as _prepare
-
-    def prepare(*args):
-        return _prepare(*args, None)
-
+    from meshplan.simulator.analytical import prepare
     m, c = mp.load_model("llama3-8b"), mp.load_cluster("h100-sxm", 8)
     w = mp.TrainWorkload(seq_len=4096, global_batch=8)
     cm = prepare(m, c, w, mp.Plan.parse(f"tp=2,dp=4,mbs=1,sp={'on' if sp else 'off'},"
-                                        "kernels=eager"))
+                                        "kernels=eager"), None)
     act, logits = cm.tp_bytes, 4096 * m.vocab_size * 2
     fwd, bwd = cm.ends_tp(True, True)
     if sp:
@@ -198,9 +194,9 @@ def test_embedding_and_head_pay_their_tp_collectives(sp):
         assert bwd == [("all_reduce", act)]
     f, b = cm.ends_phase(True, True)
     assert f.comm > 0 and b.comm > 0
-    fused = prepare(m, c, w, replace(cm.plan, kernels="fused"))
+    fused = prepare(m, c, w, replace(cm.plan, kernels="fused"), None)
     assert fused.ends_tp(False, True)[0][-3:] == [("all_reduce", 4 * 4096)] * 3
-    plain = prepare(m, c, w, mp.Plan.parse("dp=8,mbs=1,kernels=eager"))
+    plain = prepare(m, c, w, mp.Plan.parse("dp=8,mbs=1,kernels=eager"), None)
     assert plain.ends_tp(True, True) == ([], [])
 
 

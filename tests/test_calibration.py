@@ -224,18 +224,18 @@ def test_multi_process_benchmarks_keep_their_fastest_pass():
 
 
 def test_each_table_row_is_the_median_of_the_sweeps():
-    from meshplan.validate.profile import median_rows
+    from meshplan.validate.profile import reduce_rows
 
     sweeps = [[["fp32", 64, 64, 64, 1.0], ["fp32", 128, 64, 64, 2.0]],
               [["fp32", 64, 64, 64, 9.0], ["fp32", 128, 64, 64, 2.2]],
               [["fp32", 64, 64, 64, 1.2], ["fp32", 128, 64, 64, 1.8]]]
-    assert median_rows(sweeps, keys=4) == [["fp32", 64, 64, 64, 1.2],
+    assert reduce_rows(sweeps, keys=4) == [["fp32", 64, 64, 64, 1.2],
                                            ["fp32", 128, 64, 64, 2.0]]
     two_timed = [[["mlp_norm", 1024, 1.0, 5.0]], [["mlp_norm", 1024, 3.0, 1.0]],
                  [["mlp_norm", 1024, 2.0, 2.0]]]
-    assert median_rows(two_timed, keys=2) == [["mlp_norm", 1024, 2.0, 2.0]]
+    assert reduce_rows(two_timed, keys=2) == [["mlp_norm", 1024, 2.0, 2.0]]
     with pytest.raises(SpecError, match="sweeps measured different rows"):
-        median_rows([[["fp32", 64, 1.0]], [["fp32", 32, 1.0]]], keys=2)
+        reduce_rows([[["fp32", 64, 1.0]], [["fp32", 32, 1.0]]], keys=2)
 
 
 def test_the_in_situ_factor_scales_ops_but_not_host_time_or_messages():

@@ -254,7 +254,7 @@ def _single_process(opts: ProfileOptions, device, say,
         say(f"compute tables, sweep {i + 1} of {opts.sweeps} ...")
         sweeps.append(_sweep(opts, device, say))
         after_sweep()
-    t = {name: median_rows([sw[name] for sw in sweeps], keys)
+    t = {name: reduce_rows([sw[name] for sw in sweeps], keys)
          for name, keys in SWEEP_KEYS.items()}
     gemm = {d: [r[1:] for r in t["gemm"] if r[0] == d] for d in opts.dtypes}
     attention = {d: [r[1:] for r in t["attention"] if r[0] == d] for d in opts.dtypes}
@@ -305,7 +305,7 @@ def _sweep(opts: ProfileOptions, device, say: Callable[[str], None] | None = Non
         "memory": mb.memory_rows(MEMORY_SIZES, device)}
 
 
-def median_rows(sweeps: list[list[list]], keys: int, reduce=np.median) -> list[list]:
+def reduce_rows(sweeps: list[list[list]], keys: int, reduce=np.median) -> list[list]:
     """Row by row over sweeps that list the same rows in the same order: the `keys`
     leading columns, then the median (or `reduce`) of each timed column."""
     out = []
@@ -338,7 +338,7 @@ def _shared_machine(opts: ProfileOptions, passes: list[dict[int, dict]], cores: 
     collectives, concurrency, overlap = {}, {"1": 1.0}, {}
     for n in opts.processes:
         recs = [p[n] for p in passes]
-        rows = median_rows([r["collectives"] for r in recs], keys=2, reduce=np.min)
+        rows = reduce_rows([r["collectives"] for r in recs], keys=2, reduce=np.min)
         collectives[str(n)] = fit_collectives(rows, n)
         overlap[str(n)] = float(np.median([r["overlap_slowdown"] for r in recs]))
         if n <= cores:

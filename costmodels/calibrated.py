@@ -21,7 +21,8 @@ tiny-dense step 24% fast on a CPU. The tables and fits:
   run (`validate.opbench.in_situ_factor`; 1.08-1.17 on this VM).
 - Host time beyond the ops is a table of per-unit overheads: per layer and per model
   chunk call of the plain model (`validate/opbench.py`), and what each parallel mechanism
-  adds per layer or per chunk call (`validate/mechbench.py`).
+  adds per layer (`validate/mechbench.py`). A message between pipeline stages takes the
+  p2p fit plus the latency a running pipeline adds to it (mechbench, `pp_message_s`).
 - Compute shares the machine when several processes run at once (CPU processes on
   shared cores, memory bandwidth and the last-level cache): every compute time is scaled
   by the slowdown measured with that many processes running the same GEMMs together; past
@@ -71,6 +72,9 @@ class HardwareProfile:
     # how much slower ops run inside a training step than the tables price them
     # (`validate.opbench.in_situ_factor`); multiplies every op's time
     in_situ_factor: float = 1.0
+    # seconds a message between pipeline stages takes in a running pipeline beyond the
+    # idle p2p fit (`validate.mechbench.time_pipeline_messages`)
+    pp_message_s: float = 0.0
     source: str = ""
 
 
@@ -92,6 +96,8 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
             f"must be positive, got {prof.memory_bw_bytes_per_s}")
     require(prof.in_situ_factor > 0, "profile.in_situ_factor",
             f"must be positive, got {prof.in_situ_factor}")
+    require(prof.pp_message_s >= 0, "profile.pp_message_s",
+            f"must be at least 0, got {prof.pp_message_s}")
     return prof
 
 
@@ -234,6 +240,10 @@ class CalibratedCosts:
         if crosses_node or fit is None:
             return self.nominal.p2p_s(crosses_node, size_bytes)
         return (fit[0] + fit[1] * size_bytes) * self._crowding(2)
+
+    def stage_send_s(self, crosses_node: bool, size_bytes: float) -> float:
+        return self.p2p_s(crosses_node, size_bytes) + \
+            self.profile.pp_message_s * self._crowding(2)
 
     def _crowding(self, group_size: int) -> float:
         """A collective of `group_size` ranks was measured with that many processes; in a

@@ -51,9 +51,8 @@ class CostModel(Protocol):
     def overhead_s(self, unit: str, backward: bool) -> float:
         """Host time an eager runtime spends per `unit` and micro-batch beyond its ops and
         messages: Python, module calls, autograd. Units: "layer", "stage" (per model chunk
-        call), "stage:pp" for what pipelining adds to each chunk call (sends, receives,
-        the schedule's bookkeeping), and "layer:<mechanism>" for what a parallel mechanism
-        adds to each layer ("tp", "cp", "fsdp", "zero2", "moe", "ep")."""
+        call), and "layer:<mechanism>" for what a parallel mechanism adds to each layer
+        ("tp", "cp", "fsdp", "zero2", "moe", "ep")."""
         ...
 
     def optimizer_s(self, optimizer: str, params: float, tensors: int) -> float:
@@ -83,6 +82,11 @@ class CostModel(Protocol):
 
     def p2p_s(self, crosses_node: bool, size_bytes: float) -> float:
         """One point-to-point send."""
+        ...
+
+    def stage_send_s(self, crosses_node: bool, size_bytes: float) -> float:
+        """One activation or gradient between pipeline stages, from the start of its send
+        to the end of its receive, in a running pipeline: the sender goes on computing."""
         ...
 
 
@@ -130,3 +134,7 @@ class NominalCosts:
 
     def p2p_s(self, crosses_node: bool, size_bytes: float) -> float:
         return coll.p2p_time_s(self.cluster, crosses_node, size_bytes)
+
+    def stage_send_s(self, crosses_node: bool, size_bytes: float) -> float:
+        """A copy engine or NIC moves it while the SMs compute: as alone."""
+        return self.p2p_s(crosses_node, size_bytes)

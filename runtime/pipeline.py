@@ -14,11 +14,14 @@ or gradients on (non-blocking, waited for at `RG`); `RF`/`RB` receive them (bloc
 `RG` finishes the gradient reduction outside FSDP (`grads.py`); `OPT` ends the step (the
 caller steps the optimizer). Messages carry a tag made of (stage, micro-batch,
 direction), so sends never need to be matched in order and any schedule that
-`schedule.execute` accepts runs here.
+`schedule.execute` accepts runs here. Given a `trace` list, the rank appends each action
+with its start and end (`time.perf_counter`, one clock for every process of a machine):
+what `validate.mechbench` reads a running pipeline's message latency from.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -61,13 +64,17 @@ class PipelineRank:
     device: torch.device
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     grads: GradReducer
+    trace: list[tuple[Action, float, float]] | None = None  # (action, start s, end s)
 
     def step(self, micro: list[MicroBatch]) -> float:
         """Run the step; returns the sum over micro-batches of this rank's mean losses
         (non-zero only on the last stage)."""
         st = StepState()
         for a in self.schedule.actions[self.pp_rank]:
+            t0 = time.perf_counter()
             self._run(a, st, micro)
+            if self.trace is not None:
+                self.trace.append((a, t0, time.perf_counter()))
         return st.loss_sum
 
     @cached_property

@@ -156,7 +156,7 @@ class _Pricer:
 
     def send(self, nbytes: float, crosses: bool) -> _Flow:
         tier = "nic" if crosses else "nvlink"
-        t = self.cm.costs.p2p_s(crosses, nbytes)
+        t = self.cm.costs.stage_send_s(crosses, nbytes)
         rate = min(self.cap[tier], nbytes / t) if t > 0 else 0.0
         return _Flow(name="send", stream="pp", alone_s=t,
                      demands=((tier, "out", rate), (tier, "in", rate)))
@@ -228,9 +228,8 @@ def _stage_program(cm: PlanCosts, pr: _Pricer, stage: int, split_w: bool) -> _St
     last = len(cm.stage_layers) - 1
     first_s, last_s = stage == 0, stage == last
     ef, eb = cm.ends_phase(first_s, last_s) if (first_s or last_s) else (None, None)
-    units = ("stage", "stage:pp") if cm.plan.pp > 1 else ("stage",)
-    over_f = sum(cm.costs.overhead_s(u, backward=False) for u in units)
-    over_b = sum(cm.costs.overhead_s(u, backward=True) for u in units)
+    over_f = cm.costs.overhead_s("stage", backward=False)
+    over_b = cm.costs.overhead_s("stage", backward=True)
     fwd, bwd, wgt = [_Block(compute_s=over_f + (ef.compute if ef else 0.0))], [], []
     ends_f, ends_b = ([_Block(flows=pr.collective("tp", cm.tp_group, op, size,
                                                   label=f"ends {op}"))

@@ -218,9 +218,42 @@ def test_multi_process_benchmarks_keep_their_fastest_pass():
         [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]], 2)
     assert shared["overlap_slowdown"] == {"2": pytest.approx(0.2)}
 
-    calm = {"tp": {"1": [0.01, 0.02], "3": [0.03, 0.05]}, "pp": {"2": 0.2, "6": 0.5}}
-    busy = {"tp": {"1": [0.005, 0.01], "3": [0.09, 0.2]}, "pp": {"2": 0.1, "6": 0.4}}
+    calm = {"tp": {"1": [0.01, 0.02], "3": [0.03, 0.05]}, "pp": {"message_s": 2e-3}}
+    busy = {"tp": {"1": [0.005, 0.01], "3": [0.09, 0.2]}, "pp": {"message_s": 1e-3}}
     assert prof_mod.fastest_pass([busy, calm]) == {"tp": calm["tp"], "pp": busy["pp"]}
+
+
+def test_a_message_counts_from_its_send_to_a_receive_that_was_waiting():
+    from meshplan.validate.mechbench import message_latencies
+
+    rank0 = [("F", 0, 0, 0.0, 1.0), ("SF", 0, 0, 1.0, 1.1), ("F", 0, 1, 1.1, 2.0),
+             ("SF", 0, 1, 2.0, 2.1), ("RB", 0, 0, 2.1, 5.0)]
+    rank1 = [("RF", 1, 0, 0.0, 1.5), ("F", 1, 0, 1.5, 2.5), ("B", 1, 0, 2.5, 4.0),
+             ("SB", 1, 0, 4.0, 4.1), ("RF", 1, 1, 4.1, 4.2)]
+    # activation 0: waited for since 0.0, sent at 1.0, in at 1.5; activation 1 was sent at
+    # 2.0 while its receiver computed (not a latency); the gradient: sent 4.0, in at 5.0
+    assert message_latencies([rank0, rank1]) == pytest.approx([0.5, 1.0])
+
+
+def test_the_pipeline_message_latency_is_what_the_idle_fit_misses():
+    from dataclasses import replace
+
+    from meshplan.validate.mechbench import PP_MICRO_BATCHES, pp_plan_file
+    from meshplan.validate.profile import mechanism_overheads
+
+    prof = synthetic(alpha=1e-4, beta=1e-9)
+    pf = pp_plan_file(PP_MICRO_BATCHES, 2)
+    idle = CalibratedCosts(pf.cluster, prof).p2p_s(False, 16 * 128 * 4)
+    fitted = mechanism_overheads(prof, {"pp": {"message_s": idle + 2e-3}})
+    assert fitted.pp_message_s == pytest.approx(2e-3)
+    cluster = load_cluster("cpu", gpus=2)
+    busy, calm = CalibratedCosts(cluster, fitted), CalibratedCosts(cluster, prof)
+    assert busy.stage_send_s(False, 1e6) == pytest.approx(calm.p2p_s(False, 1e6) + 2e-3)
+    said = []
+    quick = mechanism_overheads(prof, {"pp": {"message_s": idle / 2}}, say=said.append)
+    assert quick.pp_message_s == 0.0 and "pipeline message" in said[0]
+    with pytest.raises(SpecError, match="pp_message_s"):
+        profile_from_dict(profile_to_dict(replace(prof, pp_message_s=-1e-3)))
 
 
 def test_each_table_row_is_the_median_of_the_sweeps():

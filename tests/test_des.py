@@ -30,8 +30,8 @@ class PassCosts:
 
     name = "test"
 
-    def __init__(self, vocab: int):
-        self.vocab = vocab
+    def __init__(self, vocab: int, send_s: float = 0.0):
+        self.vocab, self.send_s = vocab, send_s
 
     def gemm_s(self, dtype, m, n, k, batch=1):
         return 0.0 if self.vocab in (m, n, k) else GEMM_S
@@ -62,6 +62,9 @@ class PassCosts:
 
     def p2p_s(self, crosses_node, size_bytes):
         return 0.0
+
+    def stage_send_s(self, crosses_node, size_bytes):
+        return self.send_s
 
 
 class _NoInterference(NominalCosts):
@@ -104,6 +107,34 @@ def test_1f1b_bubble_fraction(p, m):
     model, cluster, work, plan, cache = _passes(8, p, m, f"pp={p},mbs=1")
     r = simulate_des(model, cluster, work, plan, cache).result
     assert r.time.bubble / r.step_time_s == pytest.approx((p - 1) / (m + p - 1), rel=1e-9)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_1f1b_waits_a_send_per_micro_batch_where_messages_are_slow(p):
+    """Stages of W = 24 ms (F 8 + B 16); a send of 3 ms. Rank r + 1's B(i) waits on the
+    gradient's trip back, rank r's B and F, and the activation's trip out, two
+    micro-batches on: the period grows from W to W + one send. GPipe keeps every forward
+    in flight and pays the sends in its fill only."""
+    send, m = 3e-3, 8
+    model = dataclasses.replace(load_model("tiny-dense"), n_layers=2 * p)
+    cluster, work = load_cluster("h100-sxm", p), TrainWorkload(seq_len=128, global_batch=m)
+
+    def steps(text: str, send_s: float) -> tuple[float, float]:
+        def cache():
+            return CostCache(costs=PassCosts(model.vocab_size, send_s))
+        plan = Plan.parse(text)
+        return (simulate_analytical(model, cluster, work, plan, cache()).step_time_s,
+                simulate_des(model, cluster, work, plan, cache()).result.step_time_s)
+
+    ana0, des0 = steps(f"pp={p},mbs=1", 0.0)
+    ana, des = steps(f"pp={p},mbs=1", send)
+    assert des - des0 >= m * send  # every steady-state micro-batch waits one send
+    assert ana == pytest.approx(des, rel=0.03)
+    assert ana - ana0 == pytest.approx((m + 2 * (p - 1)) * send, rel=1e-9)
+    gpipe0, _ = steps(f"pp={p},mbs=1,schedule=gpipe", 0.0)
+    gpipe, gpipe_des = steps(f"pp={p},mbs=1,schedule=gpipe", send)
+    assert gpipe - gpipe0 == pytest.approx(2 * (p - 1) * send, rel=1e-9)
+    assert gpipe == pytest.approx(gpipe_des, rel=1e-9)
 
 
 @pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 8, 2), (2, 8, 4)])

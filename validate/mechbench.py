@@ -9,11 +9,16 @@ issue account for (sharding propagation, Python, waits). Each is measured the wa
 `opbench.overheads` measures the plain layer: the runtime's own model under one plan,
 with 1 and 3 layers, on a sequence so short that compute costs next to nothing, their
 calls alternating so that the machine's drift cancels; half the difference is one
-layer's forward and backward. `profile.py` subtracts what the cost
-model already prices for that layer (ops, messages, the plain layer's overhead) and keeps
-the rest. Pipelining is measured per model-chunk call instead: whole pipeline steps with
-2 and 6 micro-batches, whose difference over 4 is one micro-batch's share. Rank 0 writes
-{mechanism: {"1": [fwd s, bwd s], "3": [...]}, "pp": {"2": step s, "6": step s}}.
+layer's forward and backward. `profile.py` subtracts what the cost model already prices
+for that layer (ops, messages, the plain layer's overhead) and keeps the rest.
+
+Pipelining adds no host time to a chunk call worth pricing (a traced 1F1B step of
+tiny-dense at 256 tokens ran each chunk's forward within 2% of its priced ops); what it
+adds is the latency of its messages, which a sender that goes on computing delivers late
+(a gloo send progresses on a thread that competes with the compute for the core). That
+latency is read from traced pipeline steps (`PipelineRank.trace`): from a send's start
+to the end of its receive, over the messages whose receiver was already waiting.
+Rank 0 writes {mechanism: {"1": [fwd s, bwd s], "3": [...]}, "pp": {"message_s": s}}.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ MECHANISMS = {"tp": ("tiny-dense", "tp=2,sp=on"), "cp": ("tiny-dense", "cp=2"),
               "moe": ("tiny-moe", "dp=2"), "ep": ("tiny-moe", "dp=2,ep=2")}
 SEQ = 16
 REPS = 40
-PP_PLAN, PP_MICRO_BATCHES = "pp=2", (2, 6)
+PP_PLAN, PP_MICRO_BATCHES = "pp=2", 6
 
 
 def plan_file(mechanism: str, layers: int, processes: int) -> PlanFile:
@@ -124,31 +129,54 @@ def pp_plan_file(micro_batches: int, processes: int) -> PlanFile:
                     plan=plan)
 
 
-def time_pipeline_steps(pfs: list[PlanFile], device) -> list[float]:
-    """Per plan file, seconds of one pipeline step (forward and backward of every
-    micro-batch, no optimizer): the slowest rank's median, the plan files alternating."""
+def time_pipeline_messages(pf: PlanFile, device) -> float:
+    """Median seconds a pipeline message takes in a running pipeline, over `REPS // 2`
+    traced steps after two warm-up steps (`message_latencies`)."""
     import torch
+    import torch.distributed as dist
 
     from meshplan.runtime.data import rank_micro_batches
     from meshplan.runtime.mesh import build_mesh
     from meshplan.runtime.train import build, pipeline_rank
 
-    def runner(pf: PlanFile):
-        plan = pf.plan
-        mesh = build_mesh(plan, device.type)
-        rank = pipeline_rank(pf, mesh, build(pf, mesh, 0, device), device)
-        batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, SEQ + 1))
-        micro = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=1,
-                                   cp_rank=0, mbs=plan.mbs, device=device)
+    plan = pf.plan
+    mesh = build_mesh(plan, device.type)
+    rank = pipeline_rank(pf, mesh, build(pf, mesh, 0, device), device)
+    batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, SEQ + 1))
+    micro = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=1, cp_rank=0,
+                               mbs=plan.mbs, device=device)
+    steps = []
+    for rep in range(REPS // 2 + 2):
+        rank.trace = []
+        dist.barrier()
+        rank.step(micro)
+        if rep >= 2:
+            steps.append([(a.kind, a.stage, a.microbatch, t0, t1) for a, t0, t1 in rank.trace])
+    traces: list = [None] * dist.get_world_size()
+    dist.all_gather_object(traces, steps)
+    pp_ranks = [traces[mesh.pp_peer(r)] for r in range(plan.pp)]
+    latencies = [s for step in zip(*pp_ranks, strict=True)
+                 for s in message_latencies(list(step))]
+    if not latencies:
+        raise RuntimeError("no pipeline message found its receiver waiting")
+    return sorted(latencies)[len(latencies) // 2]
 
-        def run() -> tuple[float]:
-            t0 = time.perf_counter()
-            rank.step(micro)
-            return (time.perf_counter() - t0,)
 
-        return run
-
-    return [t for (t,) in _alternating([runner(pf) for pf in pfs], REPS // 2, device)]
+def message_latencies(ranks: list[list[tuple[str, int, int, float, float]]]) -> list[float]:
+    """Per message of one traced step whose receiver was waiting before it was sent:
+    seconds from the send's start to the receive's end. `ranks`: per pipeline rank, its
+    actions as (kind, stage, micro-batch, start s, end s) on one clock."""
+    recv = {(k, s, m): (t0, t1) for acts in ranks for k, s, m, t0, t1 in acts
+            if k in ("RF", "RB")}
+    out = []
+    for acts in ranks:
+        for k, s, m, t0, _ in acts:
+            if k not in ("SF", "SB"):
+                continue
+            got = recv.get(("RF", s + 1, m) if k == "SF" else ("RB", s - 1, m))
+            if got and got[0] <= t0:
+                out.append(got[1] - t0)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         for mech in MECHANISMS:
             one, three = time_layers([plan_file(mech, 1, n), plan_file(mech, 3, n)], device)
             out[mech] = {"1": one, "3": three}
-        pp = time_pipeline_steps([pp_plan_file(m, n) for m in PP_MICRO_BATCHES], device)
-        out["pp"] = {str(m): t for m, t in zip(PP_MICRO_BATCHES, pp, strict=True)}
+        out["pp"] = {"message_s": time_pipeline_messages(pp_plan_file(PP_MICRO_BATCHES, n),
+                                                         device)}
         return out
 
     run_worker(a.out, "gloo", record)

@@ -197,7 +197,8 @@ def mechanism_overheads(prof: HardwareProfile, record: dict, say=None) -> Hardwa
     """Fold mechbench's per-layer times into `prof.overheads["layer:<mechanism>"]`: the
     measured layer less what the profile prices for it (ops, messages, the overheads
     fitted so far), as seconds of one process alone (the slowdown of sharing the machine
-    is divided out; the cost model multiplies it back)."""
+    is divided out; the cost model multiplies it back); and its pipeline message latency
+    into `prof.pp_message_s`."""
     from .mechbench import plan_file
 
     for mech, times in record.items():
@@ -212,23 +213,25 @@ def mechanism_overheads(prof: HardwareProfile, record: dict, say=None) -> Hardwa
                                       strict=True)]
         prof = replace(prof, overheads={**prof.overheads, f"layer:{mech}": extra})
     if "pp" in record:
-        prof = _pipeline_overhead(prof, record["pp"], say)
+        prof = _pipeline_message(prof, record["pp"], say)
     return prof
 
 
-def _pipeline_overhead(prof: HardwareProfile, steps: dict[str, float], say) -> HardwareProfile:
-    """Per model-chunk call: a micro-batch's measured share of the pipeline step less the
-    priced steady-state work of the busiest rank, over its chunks, half each way."""
-    from .mechbench import pp_plan_file
+def _pipeline_message(prof: HardwareProfile, record: dict[str, float],
+                      say) -> HardwareProfile:
+    """`pp_message_s`: a pipeline message's measured latency in a running pipeline less
+    what the idle p2p fit prices for its size."""
+    from meshplan.costmodels.calibrated import CalibratedCosts
 
-    (m1, t1), (m2, t2) = sorted((int(m), t) for m, t in steps.items())
-    pf = pp_plan_file(m1, 2)
-    costs, priced = _priced(prof, pf)
-    per_mb = max(r.total for r in priced.rank_phases)
-    calls = len(priced.stage_layers) // pf.plan.pp
-    extra = host_residual_s((t2 - t1) / (m2 - m1) - per_mb, "pipeline micro-batch", say) \
-        / calls / 2 / costs.slowdown
-    return replace(prof, overheads={**prof.overheads, "stage:pp": [extra, extra]})
+    from .mechbench import PP_MICRO_BATCHES, pp_plan_file
+
+    pf = pp_plan_file(PP_MICRO_BATCHES, 2)
+    nbytes = pf.plan.mbs * pf.work.seq_len * pf.model.hidden_size * 4  # fp32 activations
+    idle = CalibratedCosts(pf.cluster, prof).p2p_s(False, nbytes)
+    extra = _said_floor(record["message_s"] - idle,
+                        f"pipeline message: {record['message_s'] * 1e3:.3f} ms, under the idle "
+                        f"p2p fit's {idle * 1e3:.3f} ms; taken as no extra latency", say)
+    return replace(prof, pp_message_s=extra)
 
 
 def _priced(prof: HardwareProfile, pf):

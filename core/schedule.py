@@ -473,6 +473,11 @@ def makespan(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence
     return max((s[-1][2] for s in spans if s), default=0.0)
 
 
+# The schedules whose backward runs as B (input gradients) and W (weight gradients): what
+# `splits_backward` finds in their IR, known from the name where no IR is built.
+SPLIT_SCHEDULES = frozenset({"zb", "dualpipe"})
+
+
 def splits_backward(schedule: PipelineSchedule) -> bool:
     """Whether backward runs as B (input gradients) and W (weight gradients) passes."""
     return any(a.kind == "W" for a in schedule.actions[0])

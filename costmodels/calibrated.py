@@ -22,7 +22,9 @@ tiny-dense step 24% fast on a CPU. The tables and fits:
 - Host time beyond the ops is a table of per-unit overheads: per layer and per model
   chunk call of the plain model (`validate/opbench.py`), and what each parallel mechanism
   adds per layer (`validate/mechbench.py`). A message between pipeline stages takes the
-  p2p fit plus the latency a running pipeline adds to it (mechbench, `pp_message_s`).
+  p2p fit plus the latency a running pipeline adds to it (mechbench, `pp_message_s`); a
+  backward split into input and weight passes, a fixed part per layer plus a share of
+  the layer's backward (mechbench, `split_backward`).
 - Compute shares the machine when several processes run at once (CPU processes on
   shared cores, memory bandwidth and the last-level cache): every compute time is scaled
   by the slowdown measured with that many processes running the same GEMMs together; past
@@ -75,6 +77,9 @@ class HardwareProfile:
     # seconds a message between pipeline stages takes in a running pipeline beyond the
     # idle p2p fit (`validate.mechbench.time_pipeline_messages`)
     pp_message_s: float = 0.0
+    # [seconds per layer, fraction of the layer's backward] that the runtime's split
+    # backward (input pass, then weight pass) adds (`validate.mechbench.time_split_backward`)
+    split_backward: list[float] = field(default_factory=lambda: [0.0, 0.0])
     source: str = ""
 
 
@@ -98,6 +103,9 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
             f"must be positive, got {prof.in_situ_factor}")
     require(prof.pp_message_s >= 0, "profile.pp_message_s",
             f"must be at least 0, got {prof.pp_message_s}")
+    require(len(prof.split_backward) == 2 and min(prof.split_backward) >= 0,
+            "profile.split_backward",
+            f"must be [seconds per layer >= 0, fraction >= 0], got {prof.split_backward}")
     return prof
 
 
@@ -188,6 +196,10 @@ class CalibratedCosts:
     def overhead_s(self, unit: str, backward: bool) -> float:
         pair = self.profile.overheads.get(unit)
         return pair[int(backward)] * self.slowdown if pair else 0.0
+
+    def split_backward_s(self, backward_s: float) -> float:
+        per_layer, fraction = self.profile.split_backward
+        return per_layer * self.slowdown + fraction * backward_s
 
     def optimizer_s(self, optimizer: str, params: float, tensors: int) -> float:
         fit = self.profile.optimizer.get(optimizer)

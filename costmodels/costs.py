@@ -55,6 +55,11 @@ class CostModel(Protocol):
         ("tp", "cp", "fsdp", "zero2", "moe", "ep")."""
         ...
 
+    def split_backward_s(self, backward_s: float) -> float:
+        """Seconds a layer's backward of `backward_s` gains when it runs as an input pass
+        and a weight pass (ZB-H1, DualPipe), both passes together."""
+        ...
+
     def optimizer_s(self, optimizer: str, params: float, tensors: int) -> float:
         """One optimizer step over `params` parameters held in `tensors` tensors."""
         ...
@@ -110,6 +115,11 @@ class NominalCosts:
 
     def overhead_s(self, unit: str, backward: bool) -> float:
         return 0.0  # the nominal model assumes kernels are queued ahead (CUDA streams)
+
+    def split_backward_s(self, backward_s: float) -> float:
+        """The split moves the weight-gradient GEMMs to a pass of their own, the same
+        kernels (Qi et al. 2023, §2): nothing."""
+        return 0.0
 
     def optimizer_s(self, optimizer: str, params: float, tensors: int) -> float:
         """A fused (multi-tensor) step: memory-bound, four kernels."""

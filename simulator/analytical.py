@@ -24,7 +24,7 @@ from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan, ep_rank_imbalance, layer_split, rank_blocks
 from meshplan.core.results import MemoryBreakdown, SimResult, TimeBreakdown
-from meshplan.core.schedule import build_schedule, execute
+from meshplan.core.schedule import SPLIT_SCHEDULES, build_schedule, execute
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
 from meshplan.costmodels import memory as mem
@@ -101,6 +101,7 @@ class LayerParts:
     ep_counts: float  # the forward's exchange of routed-token counts before dispatch
     recompute: float
     slowdown: float  # compute slowdown while communication overlaps it
+    split_extra: float = 0.0  # what a split backward adds, in `bwd`; runs in the W pass
 
     def exposed(self) -> tuple[float, float]:
         """Communication seconds not hidden, (forward, backward): TP behind the GEMMs when
@@ -113,6 +114,11 @@ class LayerParts:
         cp_f = exposed_beside(self.attn_f, self.cp_ring, sd)
         cp_b = exposed_beside(self.attn_b, self.cp_ring_b, sd)
         return tp_f + cp_f + 2 * self.ep + self.ep_counts, tp_b + cp_b + 2 * self.ep
+
+    @property
+    def wgrad_s(self) -> float:
+        """The weight-gradient pass of a split backward."""
+        return self.gemm_f + self.split_extra
 
     @property
     def phases(self) -> tuple[Phase, Phase]:
@@ -224,7 +230,8 @@ class PlanCosts:
     def layer_parts(self, moe_layer: bool) -> LayerParts:
         p = self.plan
         key = (self.shard, p.recompute, p.tp_overlap, p.kernels, moe_layer,
-               tuple(self.mechanisms(moe_layer)), self.ep_imbalance if moe_layer else 1.0)
+               tuple(self.mechanisms(moe_layer)), self.ep_imbalance if moe_layer else 1.0,
+               p.schedule in SPLIT_SCHEDULES)
         if key not in self.cache.layer:
             self.cache.layer[key] = self._layer_parts(moe_layer)
         return self.cache.layer[key]
@@ -264,13 +271,16 @@ class PlanCosts:
         for unit in ("layer", *self.mechanisms(moe_layer)):
             fwd += self.costs.overhead_s(unit, backward=False)
             bwd += self.costs.overhead_s(unit, backward=True)
+        split = self.costs.split_backward_s(bwd) if self.plan.schedule in SPLIT_SCHEDULES \
+            else 0.0
+        bwd += split
         tp = self._tp_comm()
         parts = LayerParts(fwd=fwd, bwd=bwd, gemm_f=gemm_f, attn_f=attn_f, attn_b=attn_b,
                            tp_f=tp, tp_b=tp, tp_overlap=self.plan.tp_overlap,
                            cp_ring=self._cp_ring(), cp_ring_b=self._cp_ring(backward=True),
                            ep=self._ep_comm() if moe_layer else 0.0,
                            ep_counts=self._ep_counts() if moe_layer else 0.0, recompute=0.0,
-                           slowdown=self.costs.overlap_slowdown())
+                           slowdown=self.costs.overlap_slowdown(), split_extra=split)
         recompute = {"full": fwd + parts.exposed()[0], "selective": attn_f, "none": 0.0,
                      "op": gemm_f / 2 + self._time([o for o in ops if o.kind == "mem"])}[
             self.plan.recompute]
@@ -479,15 +489,16 @@ class PlanCosts:
         return out
 
     def rank_wgrad_s(self, rank: int) -> float:
-        """Seconds of one micro-batch's weight-gradient GEMMs on a rank; what a
+        """Seconds of one micro-batch's weight-gradient pass on a rank; what a
         split-backward schedule can move into the bubble."""
         return sum(self.block_wgrad_s(s) for s in self.rank_stages[rank])
 
     def block_wgrad_s(self, block: int) -> float:
-        """One micro-batch's weight-gradient GEMMs in one block (as long as the forward's)."""
+        """One micro-batch's weight-gradient pass in one block: its GEMMs (as long as the
+        forward's) and what splitting the backward adds."""
         dense, moe = self.kinds[block]
-        out = dense * self.layer_parts(False).gemm_f
-        return out + (moe * self.layer_parts(True).gemm_f if moe else 0.0)
+        out = dense * self.layer_parts(False).wgrad_s
+        return out + (moe * self.layer_parts(True).wgrad_s if moe else 0.0)
 
     def stream_s(self) -> float:
         """offload=layers: forward/backward's PCIe time streaming the host's layers in

@@ -195,7 +195,7 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
         fwd.append(_Block(flows=tp(parts.tp_f)))
     fwd += [_Block(flows=counts), _Block(flows=ep), _Block(flows=ep)] if ep else []
 
-    weight = parts.gemm_f if split_w else 0.0  # weight-gradient GEMMs = the forward's
+    weight = parts.wgrad_s if split_w else 0.0  # the forward's GEMMs, and the split's cost
     bwd: list[_Block] = [_Block(gather=True)]
     if parts.recompute:
         bwd.append(_Block(compute_s=parts.recompute, kind="recompute"))

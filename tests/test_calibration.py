@@ -235,6 +235,48 @@ def test_a_message_counts_from_its_send_to_a_receive_that_was_waiting():
     assert message_latencies([rank0, rank1]) == pytest.approx([0.5, 1.0])
 
 
+def test_the_split_backward_is_a_fixed_part_and_a_share_of_the_backward():
+    """mechbench times a 2-layer chunk's backward whole and split at two lengths; the
+    profile fits the line through the per-layer extras against the priced backward, and
+    only the schedules that split (ZB-H1, DualPipe) pay it, in their weight pass."""
+    from meshplan.simulator.analytical import CostCache, prepare
+    from meshplan.validate.mechbench import SPLIT_LAYERS, SPLIT_SEQS, split_plan_file
+    from meshplan.validate.profile import mechanism_overheads
+
+    prof = synthetic()
+    per_layer, fraction = 1e-3, 0.3
+    record = {}
+    for seq in SPLIT_SEQS:
+        pf = split_plan_file(seq)
+        cm = prepare(pf.model, pf.cluster, pf.work, pf.plan,
+                     CostCache(costs=CalibratedCosts(pf.cluster, prof)))
+        whole = SPLIT_LAYERS * cm.layer_phase(False)[1].total
+        record[str(seq)] = [whole, whole + SPLIT_LAYERS * (per_layer + fraction * whole / 2)]
+    fitted = mechanism_overheads(prof, {"split_w": record})
+    assert fitted.split_backward == pytest.approx([per_layer, fraction], rel=1e-6)
+
+    model, work = load_model("tiny-dense"), TrainWorkload(seq_len=256, global_batch=8,
+                                                          dtype="fp32")
+    cluster = load_cluster("cpu", gpus=2)
+
+    def costs(p: HardwareProfile, plan: str):
+        return prepare(model, cluster, work, Plan.parse(plan),
+                       CostCache(costs=CalibratedCosts(cluster, p)))
+
+    for plan in ("pp=2,mbs=2,schedule=zb", "pp=2,mbs=2,schedule=dualpipe"):
+        before, after = costs(prof, plan), costs(fitted, plan)
+        b = before.layer_parts(False).bwd
+        assert after.layer_parts(False).bwd == pytest.approx(b + per_layer + fraction * b)
+        assert after.block_wgrad_s(0) - before.block_wgrad_s(0) == pytest.approx(
+            2 * (per_layer + fraction * b))  # 2 layers a block, all of it in W
+        assert simulate(model, cluster, work, Plan.parse(plan), profile=fitted).step_time_s > \
+            simulate(model, cluster, work, Plan.parse(plan), profile=prof).step_time_s
+    plain = "pp=2,mbs=2"
+    assert costs(fitted, plain).layer_parts(False) == costs(prof, plain).layer_parts(False)
+    with pytest.raises(SpecError, match="split_backward"):
+        profile_from_dict(profile_to_dict(prof) | {"split_backward": [1e-3]})
+
+
 def test_the_pipeline_message_latency_is_what_the_idle_fit_misses():
     from dataclasses import replace
 

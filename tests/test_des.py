@@ -45,6 +45,9 @@ class PassCosts:
     def overhead_s(self, unit, backward):
         return 0.0
 
+    def split_backward_s(self, backward_s):
+        return 0.0
+
     def optimizer_s(self, optimizer, params, tensors):
         return 0.0
 

@@ -1,12 +1,14 @@
 import pytest
 
 from meshplan.core.schedule import (
+    SPLIT_SCHEDULES,
     PipelineSchedule,
     build_schedule,
     grid,
     makespan,
     peak_inflight,
     peak_inflight_weighted,
+    splits_backward,
 )
 from meshplan.costmodels.memory import (
     inflight_microbatches,
@@ -26,6 +28,13 @@ def test_every_microbatch_runs_forward_and_backward_once(name, p, m, v):
             mbs = sorted(a.microbatch for a in acts if a.kind == kind and a.stage == stage)
             assert mbs == list(range(m))
     makespan(s, [1.0] * s.n_stages, [2.0] * s.n_stages)  # raises on deadlock
+
+
+@pytest.mark.parametrize("name,p,m,v", [("gpipe", 1, 4, 1), ("1f1b", 4, 8, 1),
+                                        ("interleaved", 2, 4, 2), ("zb", 1, 4, 1),
+                                        ("zb", 4, 8, 1), ("dualpipe", 2, 8, 1)])
+def test_the_split_schedules_by_name_are_those_whose_ir_splits(name, p, m, v):
+    assert splits_backward(build_schedule(name, p, m, v)) == (name in SPLIT_SCHEDULES)
 
 
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (8, 16), (4, 32)])

@@ -18,7 +18,16 @@ adds is the latency of its messages, which a sender that goes on computing deliv
 (a gloo send progresses on a thread that competes with the compute for the core). That
 latency is read from traced pipeline steps (`PipelineRank.trace`): from a send's start
 to the end of its receive, over the messages whose receiver was already waiting.
-Rank 0 writes {mechanism: {"1": [fwd s, bwd s], "3": [...]}, "pp": {"message_s": s}}.
+
+ZB-H1 and DualPipe split a stage's backward into an input pass and a weight pass
+(torch.distributed.pipelining's `stage_backward_input` and `stage_backward_weight`),
+which costs more than one backward: it walks the autograd graph to find each weight's
+intermediates and runs a gradient call per group. Timed here on a middle stage's chunk of
+2 layers, whole and split, at two sequence lengths, so that the profile can fit a fixed
+part per layer and a part that grows with the backward.
+
+Rank 0 writes {mechanism: {"1": [fwd s, bwd s], "3": [...]}, "pp": {"message_s": s},
+"split_w": {str(seq): [whole s, split s]}}.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ MECHANISMS = {"tp": ("tiny-dense", "tp=2,sp=on"), "cp": ("tiny-dense", "cp=2"),
 SEQ = 16
 REPS = 40
 PP_PLAN, PP_MICRO_BATCHES = "pp=2", 6
+SPLIT_LAYERS, SPLIT_SEQS = 2, (16, 256)
 
 
 def plan_file(mechanism: str, layers: int, processes: int) -> PlanFile:
@@ -179,6 +189,50 @@ def message_latencies(ranks: list[list[tuple[str, int, int, float, float]]]) -> 
     return out
 
 
+def split_plan_file(seq: int) -> PlanFile:
+    """One process running the chunk `time_split_backward` times, at `seq` tokens."""
+    model = replace(load_model("tiny-dense"), n_layers=SPLIT_LAYERS)
+    work = TrainWorkload(seq_len=seq, global_batch=1, dtype="fp32")
+    return PlanFile(model=model, cluster=load_cluster("cpu", gpus=1), work=work,
+                    plan=Plan.parse("mbs=1,kernels=eager").resolve(1))
+
+
+def time_split_backward(device) -> dict[str, list[float]]:
+    """Per sequence length of `SPLIT_SEQS`, [whole s, split s]: the backward of a middle
+    stage's chunk run as one pass, and as an input pass then a weight pass, as the
+    pipeline runs it under ZB-H1 and DualPipe; the slowest rank's medians, alternating."""
+    runs = [_split_runner(seq, split, device) for seq in SPLIT_SEQS for split in (False, True)]
+    times = [t for (t,) in _alternating(runs, REPS, device)]
+    return {str(seq): times[2 * i:2 * i + 2] for i, seq in enumerate(SPLIT_SEQS)}
+
+
+def _split_runner(seq: int, split: bool, device):
+    import torch
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    from meshplan.runtime.model import Transformer, init_weights
+
+    spec = split_plan_file(seq).model
+    chunk = Transformer(spec).to(device)
+    init_weights(chunk, 0)
+    chunk.tok_embeddings = chunk.norm = chunk.output = None  # a middle stage
+    pos = torch.arange(seq, device=device)
+
+    def run() -> tuple[float]:
+        x = torch.randn(1, seq, spec.hidden_size, device=device, requires_grad=True)
+        out = chunk(x, pos)
+        grad = torch.ones_like(out)
+        t0 = time.perf_counter()
+        if split:
+            _, groups = stage_backward_input([out], [grad], [x], chunk.parameters())
+            stage_backward_weight(chunk.parameters(), groups)
+        else:
+            torch.autograd.backward(out, grad)
+        return (time.perf_counter() - t0,)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="meshplan.validate.mechbench")
     p.add_argument("out")
@@ -199,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             out[mech] = {"1": one, "3": three}
         out["pp"] = {"message_s": time_pipeline_messages(pp_plan_file(PP_MICRO_BATCHES, n),
                                                          device)}
+        out["split_w"] = time_split_backward(device)
         return out
 
     run_worker(a.out, "gloo", record)

@@ -202,7 +202,7 @@ def mechanism_overheads(prof: HardwareProfile, record: dict, say=None) -> Hardwa
     from .mechbench import plan_file
 
     for mech, times in record.items():
-        if mech == "pp":
+        if mech in ("pp", "split_w"):
             continue
         pf = plan_file(mech, 1, 2)
         costs, priced = _priced(prof, pf)
@@ -214,7 +214,35 @@ def mechanism_overheads(prof: HardwareProfile, record: dict, say=None) -> Hardwa
         prof = replace(prof, overheads={**prof.overheads, f"layer:{mech}": extra})
     if "pp" in record:
         prof = _pipeline_message(prof, record["pp"], say)
+    if "split_w" in record:
+        prof = _split_backward(prof, record["split_w"], say)
     return prof
+
+
+def _split_backward(prof: HardwareProfile, record: dict[str, list[float]],
+                    say) -> HardwareProfile:
+    """`split_backward`: the line through what splitting adds to a layer's backward at
+    two sequence lengths, against the layer's priced backward there: [seconds per layer
+    (of one process alone), fraction of the backward]."""
+    from meshplan.costmodels.calibrated import CalibratedCosts
+    from meshplan.loaders import load_cluster
+
+    from .mechbench import SPLIT_LAYERS, split_plan_file
+
+    shared = CalibratedCosts(load_cluster("cpu", gpus=2), prof).slowdown  # mechbench ran 2
+    points = []
+    for seq, (whole, split) in sorted(record.items(), key=lambda kv: int(kv[0])):
+        _, priced = _priced(prof, split_plan_file(int(seq)))
+        points.append((priced.layer_phase(False)[1].total,
+                       (split - whole) / SPLIT_LAYERS / shared))
+    (p1, e1), (p2, e2) = points
+    fraction = _said_floor((e2 - e1) / (p2 - p1), f"split backward: {e2 * 1e3:.3f} ms a layer "
+                           f"at the longer sequence, {e1 * 1e3:.3f} ms at the shorter; taken "
+                           "as not growing with the backward", say)
+    per_layer = _said_floor(e1 - fraction * p1, f"split backward: the line through "
+                            f"{e1 * 1e3:.3f} and {e2 * 1e3:.3f} ms a layer is below 0 at no "
+                            "backward; no fixed part fitted", say)
+    return replace(prof, split_backward=[per_layer, fraction])
 
 
 def _pipeline_message(prof: HardwareProfile, record: dict[str, float],

@@ -358,6 +358,12 @@ class PlanCosts:
 
     # message sizes of one layer and micro-batch
     @property
+    def stage_send_bytes(self) -> float:
+        """One pipeline send: a micro-batch's activations (or their gradient) between
+        stages, sequence-sharded under SP."""
+        return self.shard.sp_tokens * self.model.hidden_size * self.shard.act_bytes
+
+    @property
     def tp_bytes(self) -> float:
         """One TP collective's buffer: the layer's activations (Korthikanti §4.2.2)."""
         return self.shard.tokens * self.model.hidden_size * self.shard.act_bytes
@@ -533,8 +539,7 @@ class PlanCosts:
 
     def p2p_s(self) -> float:
         """One pipeline send, from its start to its receive's end."""
-        nbytes = self.shard.sp_tokens * self.model.hidden_size * self.shard.act_bytes
-        return self.costs.stage_send_s(self.pp_crosses_node, nbytes)
+        return self.costs.stage_send_s(self.pp_crosses_node, self.stage_send_bytes)
 
     # ---- parameters and memory ---------------------------------------------------------
     def layer_params(self, moe_layer: bool) -> tuple[float, float]:

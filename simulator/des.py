@@ -591,8 +591,8 @@ class _Engine:
         cm = hw.cm
         to_stage = a.stage + 1 if a.kind == "SF" else a.stage - 1
         peer = self.ranks[rank.cls * cm.plan.pp + self.sched.rank_of(to_stage)]
-        nbytes = cm.shard.sp_tokens * cm.model.hidden_size * cm.shard.act_bytes
-        done = self._run_flows(rank, (hw.pr.send(nbytes, cm.pp_crosses_node),), peer)
+        done = self._run_flows(rank, (hw.pr.send(cm.stage_send_bytes, cm.pp_crosses_node),),
+                               peer)
         arrival = self._arrival(rank.cls, ("F" if a.kind == "SF" else "B", to_stage,
                                            a.microbatch))
         done.callbacks.append(lambda _e: arrival.succeed())

@@ -197,8 +197,8 @@ def mechanism_overheads(prof: HardwareProfile, record: dict, say=None) -> Hardwa
     """Fold mechbench's per-layer times into `prof.overheads["layer:<mechanism>"]`: the
     measured layer less what the profile prices for it (ops, messages, the overheads
     fitted so far), as seconds of one process alone (the slowdown of sharing the machine
-    is divided out; the cost model multiplies it back); and its pipeline message latency
-    into `prof.pp_message_s`."""
+    is divided out; the cost model multiplies it back); its pipeline message latency into
+    `prof.pp_message_s` and its split backward into `prof.split_backward`."""
     from .mechbench import plan_file
 
     for mech, times in record.items():
@@ -249,13 +249,10 @@ def _pipeline_message(prof: HardwareProfile, record: dict[str, float],
                       say) -> HardwareProfile:
     """`pp_message_s`: a pipeline message's measured latency in a running pipeline less
     what the idle p2p fit prices for its size."""
-    from meshplan.costmodels.calibrated import CalibratedCosts
-
     from .mechbench import PP_MICRO_BATCHES, pp_plan_file
 
-    pf = pp_plan_file(PP_MICRO_BATCHES, 2)
-    nbytes = pf.plan.mbs * pf.work.seq_len * pf.model.hidden_size * 4  # fp32 activations
-    idle = CalibratedCosts(pf.cluster, prof).p2p_s(False, nbytes)
+    costs, priced = _priced(prof, pp_plan_file(PP_MICRO_BATCHES, 2))
+    idle = costs.p2p_s(False, priced.stage_send_bytes)
     extra = _said_floor(record["message_s"] - idle,
                         f"pipeline message: {record['message_s'] * 1e3:.3f} ms, under the idle "
                         f"p2p fit's {idle * 1e3:.3f} ms; taken as no extra latency", say)

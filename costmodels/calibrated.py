@@ -21,7 +21,8 @@ tiny-dense step 24% fast on a CPU. The tables and fits:
   run (`validate.opbench.in_situ_factor`; 1.08-1.17 on this VM).
 - Host time beyond the ops is a table of per-unit overheads: per layer and per model
   chunk call of the plain model (`validate/opbench.py`), and what each parallel mechanism
-  adds per layer (`validate/mechbench.py`). A message between pipeline stages takes the
+  adds per layer, a fixed part and a share of the layer's work, fitted at two sizes
+  (`validate/mechbench.py`). A message between pipeline stages takes the
   p2p fit plus the latency a running pipeline adds to it (mechbench, `pp_message_s`); a
   backward split into input and weight passes, a fixed part per layer plus a share of
   the layer's backward (mechbench, `split_backward`).
@@ -69,6 +70,9 @@ class HardwareProfile:
     # "layer" | "stage" | "stage:pp" | "layer:<mechanism>" -> [forward s, backward s] the
     # runtime spends beyond its ops and messages (`CostModel.overhead_s`)
     overheads: dict[str, list[float]] = field(default_factory=dict)
+    # "layer:<mechanism>" -> [forward, backward] fraction of the layer's work (its ops and
+    # the plain layer's overhead) that the mechanism adds beside its fixed overhead
+    overhead_shares: dict[str, list[float]] = field(default_factory=dict)
     # str(processes) -> how much slower compute runs while its rank communicates
     overlap_slowdown: dict[str, float] = field(default_factory=dict)
     # how much slower ops run inside a training step than the tables price them
@@ -106,6 +110,9 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
     require(len(prof.split_backward) == 2 and min(prof.split_backward) >= 0,
             "profile.split_backward",
             f"must be [seconds per layer >= 0, fraction >= 0], got {prof.split_backward}")
+    for unit, pair in prof.overhead_shares.items():
+        require(len(pair) == 2 and min(pair) >= 0, f"profile.overhead_shares.{unit}",
+                f"must be [forward >= 0, backward >= 0], got {pair}")
     return prof
 
 
@@ -193,9 +200,11 @@ class CalibratedCosts:
         return (kernels * p.kernel_overhead_s
                 + traffic_bytes / p.memory_bw_bytes_per_s) * self.op_scale
 
-    def overhead_s(self, unit: str, backward: bool) -> float:
+    def overhead_s(self, unit: str, backward: bool, work_s: float = 0.0) -> float:
         pair = self.profile.overheads.get(unit)
-        return pair[int(backward)] * self.slowdown if pair else 0.0
+        share = self.profile.overhead_shares.get(unit)
+        return (pair[int(backward)] * self.slowdown if pair else 0.0) + \
+            (share[int(backward)] * work_s if share else 0.0)
 
     def split_backward_s(self, backward_s: float) -> float:
         per_layer, fraction = self.profile.split_backward

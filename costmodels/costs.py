@@ -48,11 +48,12 @@ class CostModel(Protocol):
         """Bandwidth-bound work moving `traffic_bytes` in `kernels` launches."""
         ...
 
-    def overhead_s(self, unit: str, backward: bool) -> float:
+    def overhead_s(self, unit: str, backward: bool, work_s: float = 0.0) -> float:
         """Host time an eager runtime spends per `unit` and micro-batch beyond its ops and
         messages: Python, module calls, autograd. Units: "layer", "stage" (per model chunk
         call), and "layer:<mechanism>" for what a parallel mechanism adds to each layer
-        ("tp", "cp", "fsdp", "zero2", "moe", "ep")."""
+        ("tp", "cp", "fsdp", "zero2", "moe", "ep"): a fixed part and a part that grows with
+        `work_s`, the seconds of the layer's ops and plain-layer overhead it wraps."""
         ...
 
     def split_backward_s(self, backward_s: float) -> float:
@@ -113,7 +114,7 @@ class NominalCosts:
     def memory_s(self, traffic_bytes: float, kernels: int = 1) -> float:
         return memory_time_s(self.device, traffic_bytes, kernels)
 
-    def overhead_s(self, unit: str, backward: bool) -> float:
+    def overhead_s(self, unit: str, backward: bool, work_s: float = 0.0) -> float:
         return 0.0  # the nominal model assumes kernels are queued ahead (CUDA streams)
 
     def split_backward_s(self, backward_s: float) -> float:

@@ -268,9 +268,12 @@ class PlanCosts:
         attn = [o for o in ops if o.kind == "attn" or o.name in ("qk", "pv", "softmax")]
         attn_f = self._time(attn)
         attn_b = self._time(backward(attn))
-        for unit in ("layer", *self.mechanisms(moe_layer)):
-            fwd += self.costs.overhead_s(unit, backward=False)
-            bwd += self.costs.overhead_s(unit, backward=True)
+        fwd += self.costs.overhead_s("layer", backward=False)
+        bwd += self.costs.overhead_s("layer", backward=True)
+        work_f, work_b = fwd, bwd
+        for unit in self.mechanisms(moe_layer):
+            fwd += self.costs.overhead_s(unit, backward=False, work_s=work_f)
+            bwd += self.costs.overhead_s(unit, backward=True, work_s=work_b)
         split = self.costs.split_backward_s(bwd) if self.plan.schedule in SPLIT_SCHEDULES \
             else 0.0
         bwd += split

@@ -150,10 +150,11 @@ def test_mechanism_overhead_is_the_layer_time_the_profile_does_not_price():
     f, b = prepare(pf.model, pf.cluster, pf.work, pf.plan,
                    CostCache(costs=CalibratedCosts(pf.cluster, prof))).layer_phase(False)
     extra = (3e-3, 5e-3)  # what DTensor adds per layer, forward and backward
-    record = {"tp": {"1": [0.01, 0.02],
-                     "3": [0.01 + 2 * (f.total + extra[0]), 0.02 + 2 * (b.total + extra[1])]}}
+    record = {"tp": {"16x1": {"1": [0.01, 0.02], "3": [0.01 + 2 * (f.total + extra[0]),
+                                                      0.02 + 2 * (b.total + extra[1])]}}}
     fitted = mechanism_overheads(prof, record)
     assert fitted.overheads["layer:tp"] == pytest.approx(extra, rel=1e-6)
+    assert fitted.overhead_shares["layer:tp"] == [0.0, 0.0]  # one size: all of it fixed
 
     model, work = load_model("tiny-dense"), TrainWorkload(seq_len=256, global_batch=8,
                                                           dtype="fp32")
@@ -233,6 +234,43 @@ def test_a_message_counts_from_its_send_to_a_receive_that_was_waiting():
     # activation 0: waited for since 0.0, sent at 1.0, in at 1.5; activation 1 was sent at
     # 2.0 while its receiver computed (not a latency); the gradient: sent 4.0, in at 5.0
     assert message_latencies([rank0, rank1]) == pytest.approx([0.5, 1.0])
+
+
+def test_a_mechanism_residual_is_a_fixed_part_and_a_share_of_the_layer_work():
+    """Timed at two sizes, what a mechanism adds beyond the priced layer splits into a
+    fixed part and a share of the layer's work (its ops and the plain layer's overhead),
+    and the fitted profile prices the same layer at a third size on that line."""
+    from meshplan.simulator.analytical import CostCache, prepare
+    from meshplan.validate.mechbench import plan_file
+    from meshplan.validate.profile import mechanism_overheads
+
+    prof = synthetic()
+    fixed, share = (2e-3, 1e-3), (0.25, 0.5)
+
+    def layer(costs_prof, seq, mbs):
+        pf = plan_file("fsdp", 1, 2, seq, mbs)
+        costs = CalibratedCosts(pf.cluster, costs_prof)
+        return prepare(pf.model, pf.cluster, pf.work, pf.plan,
+                       CostCache(costs=costs)).layer_phase(False), costs.slowdown
+
+    def record(seq, mbs):
+        (f, b), sd = layer(prof, seq, mbs)
+        per = [p.total + fixed[i] * sd + share[i] * p.compute for i, p in enumerate((f, b))]
+        return {"1": [0.01, 0.02], "3": [0.01 + 2 * per[0], 0.02 + 2 * per[1]]}
+
+    fitted = mechanism_overheads(prof, {"fsdp": {"16x1": record(16, 1),
+                                                 "128x4": record(128, 4)}})
+    assert fitted.overheads["layer:fsdp"] == pytest.approx(fixed, rel=1e-6)
+    assert fitted.overhead_shares["layer:fsdp"] == pytest.approx(share, rel=1e-6)
+    (f0, b0), sd = layer(prof, 256, 2)
+    (f1, b1), _ = layer(fitted, 256, 2)
+    assert f1.total - f0.total == pytest.approx(fixed[0] * sd + share[0] * f0.compute)
+    assert b1.total - b0.total == pytest.approx(fixed[1] * sd + share[1] * b0.compute)
+
+    shrinking = {"fsdp": {"16x1": record(128, 4), "128x4": record(16, 1)}}
+    said: list[str] = []
+    mechanism_overheads(prof, shrinking, say=said.append)  # more at the smaller size
+    assert any("taken as not growing" in m for m in said)
 
 
 def test_the_split_backward_is_a_fixed_part_and_a_share_of_the_backward():

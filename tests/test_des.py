@@ -42,7 +42,7 @@ class PassCosts:
     def memory_s(self, traffic_bytes, kernels=1):
         return 0.0
 
-    def overhead_s(self, unit, backward):
+    def overhead_s(self, unit, backward, work_s=0.0):
         return 0.0
 
     def split_backward_s(self, backward_s):

@@ -4,13 +4,17 @@
         -m meshplan.validate.mechbench OUT.json
 
 Tensor parallelism through DTensor, ring attention, FSDP2's per-layer hooks and expert
-dispatch all spend host time per layer that neither the ops nor the collectives they
-issue account for (sharding propagation, Python, waits). Each is measured the way
-`opbench.overheads` measures the plain layer: the runtime's own model under one plan,
-with 1 and 3 layers, on a sequence so short that compute costs next to nothing, their
-calls alternating so that the machine's drift cancels; half the difference is one
-layer's forward and backward. `profile.py` subtracts what the cost model already prices
-for that layer (ops, messages, the plain layer's overhead) and keeps the rest.
+dispatch all spend time per layer that neither the ops nor the collectives they issue
+account for (sharding propagation, Python, waits, and work that grows with the layer's:
+copies into and out of the communication buffers, gloo's threads taking the core from
+the compute). Each is measured the way `opbench.overheads` measures the plain layer: the
+runtime's own model under one plan, with 1 and 3 layers, their calls alternating so that
+the machine's drift cancels; half the difference is one layer's forward and backward.
+That at two sizes (`MECH_POINTS`): 16 tokens, where compute costs next to nothing, and
+4 x 128 tokens, where on this VM the layers ran 1-6 ms over their priced time, against
+0.1-1.8 ms at 16 tokens. `profile.py` subtracts what the cost model already prices for
+the layer (ops, messages, the plain layer's overhead) and fits the rest as a fixed part
+and a share of the layer's work.
 
 Pipelining adds no host time to a chunk call worth pricing (a traced 1F1B step of
 tiny-dense at 256 tokens ran each chunk's forward within 2% of its priced ops); what it
@@ -26,7 +30,8 @@ intermediates and runs a gradient call per group. Timed here on a middle stage's
 2 layers, whole and split, at two sequence lengths, so that the profile can fit a fixed
 part per layer and a part that grows with the backward.
 
-Rank 0 writes {mechanism: {"1": [fwd s, bwd s], "3": [...]}, "pp": {"message_s": s},
+Rank 0 writes {mechanism: {"<seq>x<mbs>": {"1": [fwd s, bwd s], "3": [...]}},
+"pp": {"message_s": s},
 "split_w": {str(seq): [whole s, split s]}}.
 """
 
@@ -47,20 +52,27 @@ MECHANISMS = {"tp": ("tiny-dense", "tp=2,sp=on"), "cp": ("tiny-dense", "cp=2"),
               "fsdp": ("tiny-dense", "dp=2,zero=3"), "zero2": ("tiny-dense", "dp=2,zero=2"),
               "moe": ("tiny-moe", "dp=2"), "ep": ("tiny-moe", "dp=2,ep=2")}
 SEQ = 16
+MECH_POINTS = ((SEQ, 1), (128, 4))  # (sequence, micro-batch size) each mechanism runs at
 REPS = 40
 PP_PLAN, PP_MICRO_BATCHES = "pp=2", 6
 SPLIT_LAYERS, SPLIT_SEQS = 2, (16, 256)
 
 
-def plan_file(mechanism: str, layers: int, processes: int) -> PlanFile:
-    """The mechanism's model cut to `layers` layers (all MoE for tiny-moe) and its plan."""
+def point_key(seq: int, mbs: int) -> str:
+    return f"{seq}x{mbs}"
+
+
+def plan_file(mechanism: str, layers: int, processes: int, seq: int = SEQ,
+              mbs: int = 1) -> PlanFile:
+    """The mechanism's model cut to `layers` layers (all MoE for tiny-moe) and its plan,
+    one micro-batch of `mbs` sequences of `seq` tokens per data-parallel rank."""
     name, text = MECHANISMS[mechanism]
     model = load_model(name)
     model = replace(model, n_layers=layers)
     if model.moe:
         model = replace(model, moe=replace(model.moe, first_k_dense=0))
-    plan = Plan.parse(f"{text},mbs=1,kernels=eager").resolve(processes)
-    work = TrainWorkload(seq_len=SEQ, global_batch=plan.dp, dtype="fp32")
+    plan = Plan.parse(f"{text},mbs={mbs},kernels=eager").resolve(processes)
+    work = TrainWorkload(seq_len=seq, global_batch=plan.dp * mbs, dtype="fp32")
     return PlanFile(model=model, cluster=load_cluster("cpu", gpus=processes), work=work,
                     plan=plan)
 
@@ -106,9 +118,9 @@ def _layer_runner(pf: PlanFile, device):
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: as between micro-batches
         model.set_requires_gradient_sync(False)  # reductions are priced once per step
         model.set_reshard_after_backward(plan.zero == 3)
-    batch = torch.randint(0, pf.model.vocab_size, (plan.dp, SEQ + 1))
+    batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, pf.work.seq_len + 1))
     (mb,) = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=plan.cp,
-                               cp_rank=mesh.coord("cp"), mbs=1, device=device)
+                               cp_rank=mesh.coord("cp"), mbs=plan.mbs, device=device)
 
     def run() -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -249,8 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         n = dist.get_world_size()
         out: dict = {}
         for mech in MECHANISMS:
-            one, three = time_layers([plan_file(mech, 1, n), plan_file(mech, 3, n)], device)
-            out[mech] = {"1": one, "3": three}
+            for seq, mbs in MECH_POINTS:
+                one, three = time_layers([plan_file(mech, layers, n, seq, mbs)
+                                          for layers in (1, 3)], device)
+                out.setdefault(mech, {})[point_key(seq, mbs)] = {"1": one, "3": three}
         out["pp"] = {"message_s": time_pipeline_messages(pp_plan_file(PP_MICRO_BATCHES, n),
                                                          device)}
         out["split_w"] = time_split_backward(device)

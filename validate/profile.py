@@ -132,8 +132,10 @@ def fastest_pass(passes: list[dict]) -> dict:
     between passes minutes apart (TP: 28 / 40 ms forward / backward, then 2.7 / 4.6 ms,
     over what the messages cost). A record's 1- and 3-layer (2- and 6-micro-batch) times
     stay together, so their difference comes from one moment."""
-    def total(rec: dict) -> float:
-        return sum(sum(v) if isinstance(v, list) else v for v in rec.values())
+    def total(rec) -> float:
+        if isinstance(rec, dict):
+            return sum(total(v) for v in rec.values())
+        return sum(rec) if isinstance(rec, list) else rec
 
     return {key: min((p[key] for p in passes), key=total) for key in passes[0]}
 
@@ -194,29 +196,63 @@ def _stderr(message: str) -> None:
 
 
 def mechanism_overheads(prof: HardwareProfile, record: dict, say=None) -> HardwareProfile:
-    """Fold mechbench's per-layer times into `prof.overheads["layer:<mechanism>"]`: the
-    measured layer less what the profile prices for it (ops, messages, the overheads
-    fitted so far), as seconds of one process alone (the slowdown of sharing the machine
-    is divided out; the cost model multiplies it back); its pipeline message latency into
-    `prof.pp_message_s` and its split backward into `prof.split_backward`."""
-    from .mechbench import plan_file
-
-    for mech, times in record.items():
+    """Fold mechbench's per-layer times into `prof.overheads["layer:<mechanism>"]` and
+    `prof.overhead_shares`: per size measured, the layer less what the profile prices for
+    it (ops, messages, the overheads fitted so far), against the layer's work (its ops
+    and the plain layer's overhead); the line through the two sizes gives a share of the
+    work and a fixed part, the latter as seconds of one process alone (the slowdown of
+    sharing the machine is divided out; the cost model multiplies it back). The pipeline
+    message latency goes into `prof.pp_message_s`, the split backward into
+    `prof.split_backward`."""
+    for mech, points in record.items():
         if mech in ("pp", "split_w"):
             continue
-        pf = plan_file(mech, 1, 2)
-        costs, priced = _priced(prof, pf)
-        f, b = priced.layer_phase(pf.model.is_moe)
-        per_layer = [(t3 - t1) / 2 for t1, t3 in zip(times["1"], times["3"], strict=True)]
-        extra = [host_residual_s(t - p, f"{mech} layer, {way}", say) / costs.slowdown
-                 for t, p, way in zip(per_layer, (f.total, b.total), ("forward", "backward"),
-                                      strict=True)]
-        prof = replace(prof, overheads={**prof.overheads, f"layer:{mech}": extra})
+        fixed, share = _mechanism_line(prof, mech, points, say)
+        prof = replace(prof, overheads={**prof.overheads, f"layer:{mech}": fixed},
+                       overhead_shares={**prof.overhead_shares, f"layer:{mech}": share})
     if "pp" in record:
         prof = _pipeline_message(prof, record["pp"], say)
     if "split_w" in record:
         prof = _split_backward(prof, record["split_w"], say)
     return prof
+
+
+def _mechanism_line(prof: HardwareProfile, mech: str, points: dict[str, dict],
+                    say) -> tuple[list[float], list[float]]:
+    """([forward, backward] fixed seconds, [forward, backward] share of the work) of one
+    mechanism's residual: the line through its residuals at the smallest and the largest
+    size measured (one size: all fixed)."""
+    from .mechbench import plan_file
+
+    bare = replace(prof, overheads={k: v for k, v in prof.overheads.items()
+                                    if not k.startswith("layer:")}, overhead_shares={})
+    sizes = []  # per size: ([work f, work b], [residual f, residual b])
+    for key in sorted(points, key=_tokens):
+        seq, mbs = map(int, key.split("x"))
+        pf = plan_file(mech, 1, 2, seq, mbs)
+        costs, priced = _priced(prof, pf)
+        moe = pf.model.is_moe
+        work = [p.compute for p in _priced(bare, pf)[1].layer_phase(moe)]
+        times = points[key]
+        per_layer = [(t3 - t1) / 2 for t1, t3 in zip(times["1"], times["3"], strict=True)]
+        sizes.append((work, [t - p.total for t, p in
+                             zip(per_layer, priced.layer_phase(moe), strict=True)]))
+    (w1, r1), (w2, r2) = sizes[0], sizes[-1]
+    fixed, share = [], []
+    for i, way in enumerate(("forward", "backward")):
+        what = f"{mech} layer, {way}"
+        k = 0.0 if len(sizes) == 1 else _said_floor(
+            (r2[i] - r1[i]) / (w2[i] - w1[i]), f"{what}: {r2[i] * 1e3:.3f} ms over its "
+            f"priced time at the larger size, {r1[i] * 1e3:.3f} ms at the smaller; taken "
+            "as not growing with the layer's work", say)
+        share.append(k)
+        fixed.append(host_residual_s(r1[i] - k * w1[i], what, say) / costs.slowdown)
+    return fixed, share
+
+
+def _tokens(key: str) -> int:
+    seq, mbs = map(int, key.split("x"))
+    return seq * mbs
 
 
 def _split_backward(prof: HardwareProfile, record: dict[str, list[float]],

@@ -12,9 +12,9 @@ runtime's own model under one plan, with 1 and 3 layers, their calls alternating
 the machine's drift cancels; half the difference is one layer's forward and backward.
 That at two sizes (`MECH_POINTS`): 16 tokens, where compute costs next to nothing, and
 4 x 128 tokens, where on this VM the layers ran 1.2-4.5 ms each way over their priced
-time, against at most 1.8 ms at 16 tokens. `profile.py` subtracts what the cost model already prices for
-the layer (ops, messages, the plain layer's overhead) and fits the rest as a fixed part
-and a share of the layer's work.
+time, against at most 1.8 ms at 16 tokens. `profile.py` subtracts what the cost model
+already prices for the layer (ops, messages, the plain layer's overhead) and fits the
+rest as a fixed part and a share of the layer's work.
 
 Pipelining adds no host time to a chunk call worth pricing (a traced 1F1B step of
 tiny-dense at 256 tokens ran each chunk's forward within 2% of its priced ops); what it

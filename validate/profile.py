@@ -130,8 +130,8 @@ def fastest_pass(passes: list[dict]) -> dict:
     shared machine does to a measurement only adds time (the rule `validate --rounds`
     keeps each plan's fastest round by), and on this VM one mechanism's layer moved 10x
     between passes minutes apart (TP: 28 / 40 ms forward / backward, then 2.7 / 4.6 ms,
-    over what the messages cost). A record's 1- and 3-layer (2- and 6-micro-batch) times
-    stay together, so their difference comes from one moment."""
+    over what the messages cost). A record's 1- and 3-layer times at both sizes stay
+    together, so their differences come from one moment."""
     def total(rec) -> float:
         if isinstance(rec, dict):
             return sum(total(v) for v in rec.values())
@@ -226,14 +226,14 @@ def _mechanism_line(prof: HardwareProfile, mech: str, points: dict[str, dict],
 
     bare = replace(prof, overheads={k: v for k, v in prof.overheads.items()
                                     if not k.startswith("layer:")}, overhead_shares={})
-    sizes = []  # per size: ([work f, work b], [residual f, residual b])
-    for key in sorted(points, key=_tokens):
-        seq, mbs = map(int, key.split("x"))
+    sizes = []  # per size, smallest first: ([work f, work b], [residual f, residual b])
+    for seq, mbs, times in sorted(((*map(int, key.split("x")), times)
+                                   for key, times in points.items()),
+                                  key=lambda s: s[0] * s[1]):
         pf = plan_file(mech, 1, 2, seq, mbs)
         costs, priced = _priced(prof, pf)
         moe = pf.model.is_moe
         work = [p.compute for p in _priced(bare, pf)[1].layer_phase(moe)]
-        times = points[key]
         per_layer = [(t3 - t1) / 2 for t1, t3 in zip(times["1"], times["3"], strict=True)]
         sizes.append((work, [t - p.total for t, p in
                              zip(per_layer, priced.layer_phase(moe), strict=True)]))
@@ -241,18 +241,27 @@ def _mechanism_line(prof: HardwareProfile, mech: str, points: dict[str, dict],
     fixed, share = [], []
     for i, way in enumerate(("forward", "backward")):
         what = f"{mech} layer, {way}"
-        k = 0.0 if len(sizes) == 1 else _said_floor(
-            (r2[i] - r1[i]) / (w2[i] - w1[i]), f"{what}: {r2[i] * 1e3:.3f} ms over its "
-            f"priced time at the larger size, {r1[i] * 1e3:.3f} ms at the smaller; taken "
-            "as not growing with the layer's work", say)
+        if len(sizes) == 1:
+            f, k = host_residual_s(r1[i], what, say), 0.0
+        else:
+            f, k = _line_through((w1[i], r1[i]), (w2[i], r2[i]), what, "the layer's work", say)
+        fixed.append(f / costs.slowdown)
         share.append(k)
-        fixed.append(host_residual_s(r1[i] - k * w1[i], what, say) / costs.slowdown)
     return fixed, share
 
 
-def _tokens(key: str) -> int:
-    seq, mbs = map(int, key.split("x"))
-    return seq * mbs
+def _line_through(small: tuple[float, float], large: tuple[float, float], what: str,
+                  against: str, say) -> tuple[float, float]:
+    """(fixed seconds, share) of the line through two sizes' (work s, extra s): a share
+    below 0 is said and taken as 0 (the extra does not grow with the work), then a fixed
+    part below 0 likewise (time spent cannot be negative)."""
+    (x1, y1), (x2, y2) = small, large
+    share = _said_floor((y2 - y1) / (x2 - x1), f"{what}: {y2 * 1e3:.3f} ms extra at the larger "
+                        f"size, {y1 * 1e3:.3f} ms at the smaller; taken as not growing with "
+                        f"{against}", say)
+    fixed = _said_floor(y1 - share * x1, f"{what}: the line through {y1 * 1e3:.3f} and "
+                        f"{y2 * 1e3:.3f} ms is below 0 at no work; no fixed part fitted", say)
+    return fixed, share
 
 
 def _split_backward(prof: HardwareProfile, record: dict[str, list[float]],
@@ -271,13 +280,8 @@ def _split_backward(prof: HardwareProfile, record: dict[str, list[float]],
         _, priced = _priced(prof, split_plan_file(int(seq)))
         points.append((priced.layer_phase(False)[1].total,
                        (split - whole) / SPLIT_LAYERS / shared))
-    (p1, e1), (p2, e2) = points
-    fraction = _said_floor((e2 - e1) / (p2 - p1), f"split backward: {e2 * 1e3:.3f} ms a layer "
-                           f"at the longer sequence, {e1 * 1e3:.3f} ms at the shorter; taken "
-                           "as not growing with the backward", say)
-    per_layer = _said_floor(e1 - fraction * p1, f"split backward: the line through "
-                            f"{e1 * 1e3:.3f} and {e2 * 1e3:.3f} ms a layer is below 0 at no "
-                            "backward; no fixed part fitted", say)
+    per_layer, fraction = _line_through(*points, "split backward, a layer", "the backward",
+                                        say)
     return replace(prof, split_backward=[per_layer, fraction])
 
 

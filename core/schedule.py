@@ -478,6 +478,16 @@ def makespan(schedule: PipelineSchedule, fwd_s: Sequence[float], bwd_s: Sequence
 SPLIT_SCHEDULES = frozenset({"zb", "dualpipe"})
 
 
+def late_receives(schedule: PipelineSchedule, rank: int) -> int:
+    """Receives of `rank` after its first compute action: on the slowest rank these find
+    their message sent already (its neighbours have time to spare), so each waits for
+    the sender to hand it over (`CostModel.late_receive_s`); those before it wait for the
+    pipeline to fill."""
+    acts = schedule.actions[rank]
+    first = next((i for i, a in enumerate(acts) if a.kind in ("F", "B", "W")), len(acts))
+    return sum(a.kind in ("RF", "RB") for a in acts[first:])
+
+
 def splits_backward(schedule: PipelineSchedule) -> bool:
     """Whether backward runs as B (input gradients) and W (weight gradients) passes."""
     return any(a.kind == "W" for a in schedule.actions[0])

@@ -23,9 +23,11 @@ tiny-dense step 24% fast on a CPU. The tables and fits:
   chunk call of the plain model (`validate/opbench.py`), and what each parallel mechanism
   adds per layer, a fixed part and a share of the layer's work, fitted at two sizes
   (`validate/mechbench.py`). A message between pipeline stages takes the
-  p2p fit plus the latency a running pipeline adds to it (mechbench, `pp_message_s`); a
-  backward split into input and weight passes, a fixed part per layer plus a share of
-  the layer's backward (mechbench, `split_backward`).
+  p2p fit plus the latency a running pipeline adds to it (mechbench, `pp_message_s`), and
+  a receive posted after its message was sent waits for the busy sender's transport
+  thread (mechbench, `pp_late_receive_s`); a backward split into input and weight
+  passes, a fixed part per layer plus a share of the layer's backward (mechbench,
+  `split_backward`).
 - Compute shares the machine when several processes run at once (CPU processes on
   shared cores, memory bandwidth and the last-level cache): every compute time is scaled
   by the slowdown measured with that many processes running the same GEMMs together; past
@@ -81,6 +83,10 @@ class HardwareProfile:
     # seconds a message between pipeline stages takes in a running pipeline beyond the
     # idle p2p fit (`validate.mechbench.time_pipeline_messages`)
     pp_message_s: float = 0.0
+    # seconds a pipeline receive posted after its message was sent takes, the sender
+    # computing (`validate.mechbench.late_receives`): gloo hands a message over only once
+    # the receiver asks, on a thread of the sender that must get a core from its compute
+    pp_late_receive_s: float = 0.0
     # [seconds per layer, fraction of the layer's backward] that the runtime's split
     # backward (input pass, then weight pass) adds (`validate.mechbench.time_split_backward`)
     split_backward: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -107,6 +113,8 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
             f"must be positive, got {prof.in_situ_factor}")
     require(prof.pp_message_s >= 0, "profile.pp_message_s",
             f"must be at least 0, got {prof.pp_message_s}")
+    require(prof.pp_late_receive_s >= 0, "profile.pp_late_receive_s",
+            f"must be at least 0, got {prof.pp_late_receive_s}")
     require(len(prof.split_backward) == 2 and min(prof.split_backward) >= 0,
             "profile.split_backward",
             f"must be [seconds per layer >= 0, fraction >= 0], got {prof.split_backward}")
@@ -265,6 +273,9 @@ class CalibratedCosts:
     def stage_send_s(self, crosses_node: bool, size_bytes: float) -> float:
         return self.p2p_s(crosses_node, size_bytes) + \
             self.profile.pp_message_s * self._crowding(2)
+
+    def late_receive_s(self) -> float:
+        return self.profile.pp_late_receive_s * self._crowding(2)
 
     def _crowding(self, group_size: int) -> float:
         """A collective of `group_size` ranks was measured with that many processes; in a

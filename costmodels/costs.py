@@ -95,6 +95,12 @@ class CostModel(Protocol):
         to the end of its receive, in a running pipeline: the sender goes on computing."""
         ...
 
+    def late_receive_s(self) -> float:
+        """Seconds a pipeline receive takes when its message was sent before the receive
+        was posted and the sender has gone on computing: what the transport needs of the
+        sender to hand the message over once the receiver asks."""
+        ...
+
 
 class NominalCosts:
     """Spec-sheet reasoning: shape-aware rooflines and α–β collectives."""
@@ -149,3 +155,7 @@ class NominalCosts:
     def stage_send_s(self, crosses_node: bool, size_bytes: float) -> float:
         """A copy engine or NIC moves it while the SMs compute: as alone."""
         return self.p2p_s(crosses_node, size_bytes)
+
+    def late_receive_s(self) -> float:
+        """NCCL's send kernel is already waiting on the GPU when the receiver comes: none."""
+        return 0.0

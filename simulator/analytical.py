@@ -24,7 +24,7 @@ from meshplan.core.errors import SpecError
 from meshplan.core.model import ModelSpec
 from meshplan.core.plan import Plan, ep_rank_imbalance, layer_split, rank_blocks
 from meshplan.core.results import MemoryBreakdown, SimResult, TimeBreakdown
-from meshplan.core.schedule import SPLIT_SCHEDULES, build_schedule, execute
+from meshplan.core.schedule import SPLIT_SCHEDULES, build_schedule, execute, late_receives
 from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels import collectives as coll
 from meshplan.costmodels import memory as mem
@@ -877,7 +877,7 @@ def assemble(cm: PlanCosts) -> SimResult:
         fill, hidden = _closed_form_fill(cm, worst), 0.0
     t_max = ranks[worst].total
     p2p = 2 * (plan.pp - 1) * cm.p2p_s() if plan.pp > 1 else 0.0
-    p2p += cm.m * _message_cycle_s(cm, worst)
+    p2p += cm.m * _message_cycle_s(cm, worst) + _late_receives_s(cm, worst)
     pipeline = cm.m * t_max - hidden + fill + p2p
 
     fwd_b = [cm.phases[s] for s in cm.rank_stages[worst]]
@@ -931,6 +931,16 @@ def _message_cycle_s(cm: PlanCosts, worst: int) -> float:
         return 0.0
     pairs = max((ranks[r].total + ranks[r + 1].total) / 2 for r in range(plan.pp - 1))
     return max(0.0, pairs + cm.p2p_s() - ranks[worst].total)
+
+
+def _late_receives_s(cm: PlanCosts, worst: int) -> float:
+    """Seconds the slowest rank's receives wait for senders that have gone on computing
+    (`schedule.late_receives`; none where the cost model prices no such wait)."""
+    late = cm.costs.late_receive_s() if cm.plan.pp > 1 else 0.0
+    if late <= 0:
+        return 0.0
+    sched = build_schedule(cm.plan.schedule, cm.plan.pp, cm.m, cm.plan.vpp)
+    return late * late_receives(sched, worst)
 
 
 def _closed_form_fill(cm: PlanCosts, worst: int) -> float:

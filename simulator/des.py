@@ -564,7 +564,12 @@ class _Engine:
                 self._send(rank, a)
             elif k in ("RF", "RB"):
                 key = ("F" if k == "RF" else "B", a.stage, a.microbatch)
-                yield from self._wait(rank, self._arrival(rank.cls, key), "bubble")
+                arrival = self._arrival(rank.cls, key)
+                sent_before = arrival.triggered
+                yield from self._wait(rank, arrival, "bubble")
+                if sent_before and cm.costs.late_receive_s() > 0:
+                    yield from self._wait(rank, self.env.timeout(cm.costs.late_receive_s()),
+                                          "exposed_comm")
             elif k == "RG":
                 yield from self._reduce_grads(rank)
             elif k == "OPT":

@@ -225,7 +225,7 @@ def test_multi_process_benchmarks_keep_their_fastest_pass():
 
 
 def test_a_message_counts_from_its_send_to_a_receive_that_was_waiting():
-    from meshplan.validate.mechbench import message_latencies
+    from meshplan.validate.mechbench import late_receive_waits, message_latencies
 
     rank0 = [("F", 0, 0, 0.0, 1.0), ("SF", 0, 0, 1.0, 1.1), ("F", 0, 1, 1.1, 2.0),
              ("SF", 0, 1, 2.0, 2.1), ("RB", 0, 0, 2.1, 5.0)]
@@ -234,6 +234,8 @@ def test_a_message_counts_from_its_send_to_a_receive_that_was_waiting():
     # activation 0: waited for since 0.0, sent at 1.0, in at 1.5; activation 1 was sent at
     # 2.0 while its receiver computed (not a latency); the gradient: sent 4.0, in at 5.0
     assert message_latencies([rank0, rank1]) == pytest.approx([0.5, 1.0])
+    # ... and activation 1's receive, posted at 4.1 after its send at 2.0, took 0.1
+    assert late_receive_waits([rank0, rank1]) == pytest.approx([0.1])
 
 
 def test_a_mechanism_residual_is_a_fixed_part_and_a_share_of_the_layer_work():
@@ -323,17 +325,23 @@ def test_the_pipeline_message_latency_is_what_the_idle_fit_misses():
 
     prof = synthetic(alpha=1e-4, beta=1e-9)
     pf = pp_plan_file(PP_MICRO_BATCHES, 2)
-    idle = CalibratedCosts(pf.cluster, prof).p2p_s(False, 16 * 128 * 4)
-    fitted = mechanism_overheads(prof, {"pp": {"message_s": idle + 2e-3}})
+    act_bytes = pf.plan.mbs * pf.work.seq_len * pf.model.hidden_size * 4  # fp32
+    idle = CalibratedCosts(pf.cluster, prof).p2p_s(False, act_bytes)
+    fitted = mechanism_overheads(prof, {"pp": {"message_s": idle + 2e-3,
+                                               "late_receive_s": idle + 5e-3}})
     assert fitted.pp_message_s == pytest.approx(2e-3)
+    assert fitted.pp_late_receive_s == pytest.approx(5e-3)
     cluster = load_cluster("cpu", gpus=2)
     busy, calm = CalibratedCosts(cluster, fitted), CalibratedCosts(cluster, prof)
     assert busy.stage_send_s(False, 1e6) == pytest.approx(calm.p2p_s(False, 1e6) + 2e-3)
+    assert (busy.late_receive_s(), calm.late_receive_s()) == pytest.approx((5e-3, 0.0))
     said = []
     quick = mechanism_overheads(prof, {"pp": {"message_s": idle / 2}}, say=said.append)
     assert quick.pp_message_s == 0.0 and "pipeline message" in said[0]
-    with pytest.raises(SpecError, match="pp_message_s"):
-        profile_from_dict(profile_to_dict(replace(prof, pp_message_s=-1e-3)))
+    assert quick.pp_late_receive_s == 0.0  # an older record without it
+    for key in ("pp_message_s", "pp_late_receive_s"):
+        with pytest.raises(SpecError, match=key):
+            profile_from_dict(profile_to_dict(replace(prof, **{key: -1e-3})))
 
 
 def test_each_table_row_is_the_median_of_the_sweeps():

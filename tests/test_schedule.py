@@ -5,6 +5,7 @@ from meshplan.core.schedule import (
     PipelineSchedule,
     build_schedule,
     grid,
+    late_receives,
     makespan,
     peak_inflight,
     peak_inflight_weighted,
@@ -116,6 +117,13 @@ def test_zb_peak_of_activations_and_pending_weight_gradients(p, m):
 def test_1f1b_first_stage_holds_p_microbatches():
     s = build_schedule("1f1b", 4, 8)
     assert peak_inflight(s, 0) == {0: 4} and peak_inflight(s, 3) == {3: 1}
+
+
+def test_late_receives_are_those_after_a_rank_s_first_compute():
+    s = build_schedule("1f1b", 2, 3)  # rank 1: 1RF0 1F0 ... 1RF1 ... 1RF2; rank 0: 3 RB
+    assert (late_receives(s, 0), late_receives(s, 1)) == (3, 2)
+    # interleaved: rank 1 receives stage 1's and 3's inputs and stage 1's gradients
+    assert late_receives(build_schedule("interleaved", 2, 4, vpp=2), 1) == 3 * 4 - 1
 
 
 def test_text_round_trip_and_form():

@@ -21,7 +21,15 @@ tiny-dense at 256 tokens ran each chunk's forward within 2% of its priced ops); 
 adds is the latency of its messages, which a sender that goes on computing delivers late
 (a gloo send progresses on a thread that competes with the compute for the core). That
 latency is read from traced pipeline steps (`PipelineRank.trace`): from a send's start
-to the end of its receive, over the messages whose receiver was already waiting.
+to the end of its receive, over the messages whose receiver was already waiting. The
+other messages, whose receive was posted after the send, wait too: gloo hands a message
+over only once the receiver asks, on a thread of the sender, which by then has gone on
+computing, and that thread waits for the core. On this VM most of those receives took
+0.2 ms and some 2-7 ms (the kernel's scheduler slice, where the woken thread lands on the
+busy core), and in 1F1B steps of the validation suite's shape every forward receive of
+the last stage after its first was one, 1.6 ms on average over 8 runs. Their mean is
+recorded: on the slowest rank each one adds to the step. The pipeline runs at the larger
+mechanism size, so that a chunk computes for longer than a scheduler slice.
 
 ZB-H1 and DualPipe split a stage's backward into an input pass and a weight pass
 (torch.distributed.pipelining's `stage_backward_input` and `stage_backward_weight`),
@@ -31,7 +39,7 @@ intermediates and runs a gradient call per group. Timed here on a middle stage's
 part per layer and a part that grows with the backward.
 
 Rank 0 writes {mechanism: {"<seq>x<mbs>": {"1": [fwd s, bwd s], "3": [...]}},
-"pp": {"message_s": s},
+"pp": {"message_s": s, "late_receive_s": s},
 "split_w": {str(seq): [whole s, split s]}}.
 """
 
@@ -143,17 +151,21 @@ def _slowest_median(*samples: list[float]) -> list[float]:
 
 
 def pp_plan_file(micro_batches: int, processes: int) -> PlanFile:
-    """tiny-dense with one layer per pipeline stage, `micro_batches` micro-batches of 1."""
+    """tiny-dense with one layer per pipeline stage, `micro_batches` micro-batches at the
+    larger mechanism size."""
+    seq, mbs = MECH_POINTS[-1]
     model = replace(load_model("tiny-dense"), n_layers=2)
-    plan = Plan.parse(f"{PP_PLAN},mbs=1,kernels=eager").resolve(processes)
-    work = TrainWorkload(seq_len=SEQ, global_batch=micro_batches * plan.dp, dtype="fp32")
+    plan = Plan.parse(f"{PP_PLAN},mbs={mbs},kernels=eager").resolve(processes)
+    work = TrainWorkload(seq_len=seq, global_batch=micro_batches * mbs * plan.dp,
+                         dtype="fp32")
     return PlanFile(model=model, cluster=load_cluster("cpu", gpus=processes), work=work,
                     plan=plan)
 
 
-def time_pipeline_messages(pf: PlanFile, device) -> float:
-    """Median seconds a pipeline message takes in a running pipeline, over `REPS // 2`
-    traced steps after two warm-up steps (`message_latencies`)."""
+def time_pipeline_messages(pf: PlanFile, device) -> dict[str, float]:
+    """Over `REPS // 2` traced steps after two warm-up steps: the median seconds a
+    message takes to a receiver that waits for it (`message_latencies`), and the mean a
+    receive posted after its message was sent takes (`late_receive_waits`)."""
     import torch
     import torch.distributed as dist
 
@@ -164,7 +176,7 @@ def time_pipeline_messages(pf: PlanFile, device) -> float:
     plan = pf.plan
     mesh = build_mesh(plan, device.type)
     rank = pipeline_rank(pf, mesh, build(pf, mesh, 0, device), device)
-    batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, SEQ + 1))
+    batch = torch.randint(0, pf.model.vocab_size, (pf.work.global_batch, pf.work.seq_len + 1))
     micro = rank_micro_batches(batch, dp=plan.dp, dp_rank=mesh.coord("dp"), cp=1, cp_rank=0,
                                mbs=plan.mbs, device=device)
     steps = []
@@ -177,11 +189,14 @@ def time_pipeline_messages(pf: PlanFile, device) -> float:
     traces: list = [None] * dist.get_world_size()
     dist.all_gather_object(traces, steps)
     pp_ranks = [traces[mesh.pp_peer(r)] for r in range(plan.pp)]
-    latencies = [s for step in zip(*pp_ranks, strict=True)
-                 for s in message_latencies(list(step))]
-    if not latencies:
-        raise RuntimeError("no pipeline message found its receiver waiting")
-    return sorted(latencies)[len(latencies) // 2]
+    steps_ = [list(step) for step in zip(*pp_ranks, strict=True)]
+    latencies = [s for step in steps_ for s in message_latencies(step)]
+    late = [s for step in steps_ for s in late_receive_waits(step)]
+    if not latencies or not late:
+        raise RuntimeError("the traced pipeline steps need messages of both kinds: "
+                           f"{len(latencies)} to a waiting receiver, {len(late)} received late")
+    return {"message_s": sorted(latencies)[len(latencies) // 2],
+            "late_receive_s": sum(late) / len(late)}
 
 
 def message_latencies(ranks: list[list[tuple[str, int, int, float, float]]]) -> list[float]:
@@ -199,6 +214,15 @@ def message_latencies(ranks: list[list[tuple[str, int, int, float, float]]]) -> 
             if got and got[0] <= t0:
                 out.append(got[1] - t0)
     return out
+
+
+def late_receive_waits(ranks: list[list[tuple[str, int, int, float, float]]]) -> list[float]:
+    """Per receive of one traced step posted after its message's send started: seconds
+    from the receive's start to its end. `ranks` as for `message_latencies`."""
+    sent = {("RF", s + 1, m) if k == "SF" else ("RB", s - 1, m): t0
+            for acts in ranks for k, s, m, t0, _ in acts if k in ("SF", "SB")}
+    return [t1 - t0 for acts in ranks for k, s, m, t0, t1 in acts
+            if k in ("RF", "RB") and sent.get((k, s, m), t0 + 1) <= t0]
 
 
 def split_plan_file(seq: int) -> PlanFile:
@@ -265,8 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                 one, three = time_layers([plan_file(mech, layers, n, seq, mbs)
                                           for layers in (1, 3)], device)
                 out.setdefault(mech, {})[point_key(seq, mbs)] = {"1": one, "3": three}
-        out["pp"] = {"message_s": time_pipeline_messages(pp_plan_file(PP_MICRO_BATCHES, n),
-                                                         device)}
+        out["pp"] = time_pipeline_messages(pp_plan_file(PP_MICRO_BATCHES, n), device)
         out["split_w"] = time_split_backward(device)
         return out
 

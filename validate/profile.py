@@ -288,15 +288,20 @@ def _split_backward(prof: HardwareProfile, record: dict[str, list[float]],
 def _pipeline_message(prof: HardwareProfile, record: dict[str, float],
                       say) -> HardwareProfile:
     """`pp_message_s`: a pipeline message's measured latency in a running pipeline less
-    what the idle p2p fit prices for its size."""
+    what the idle p2p fit prices for its size; `pp_late_receive_s` the same for a
+    receive posted after its message was sent (a record without it: none)."""
     from .mechbench import PP_MICRO_BATCHES, pp_plan_file
 
     costs, priced = _priced(prof, pp_plan_file(PP_MICRO_BATCHES, 2))
     idle = costs.p2p_s(False, priced.stage_send_bytes)
-    extra = _said_floor(record["message_s"] - idle,
-                        f"pipeline message: {record['message_s'] * 1e3:.3f} ms, under the idle "
-                        f"p2p fit's {idle * 1e3:.3f} ms; taken as no extra latency", say)
-    return replace(prof, pp_message_s=extra)
+
+    def beyond_idle(key: str, what: str) -> float:
+        return _said_floor(record.get(key, idle) - idle,
+                           f"{what}: {record.get(key, idle) * 1e3:.3f} ms, under the idle p2p "
+                           f"fit's {idle * 1e3:.3f} ms; taken as no extra latency", say)
+
+    return replace(prof, pp_message_s=beyond_idle("message_s", "pipeline message"),
+                   pp_late_receive_s=beyond_idle("late_receive_s", "late pipeline receive"))
 
 
 def _priced(prof: HardwareProfile, pf):

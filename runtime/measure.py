@@ -64,7 +64,10 @@ def live_tensor_bytes() -> int:
     """Bytes of the distinct CPU tensor storages the garbage collector can reach."""
     seen, total = set(), 0
     for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu" or obj.is_sparse:
+        # the type, not isinstance: that reads `__class__`, which deprecated objects
+        # (torch.distributed.reduce_op) answer with a warning
+        if not issubclass(type(obj), torch.Tensor) or obj.device.type != "cpu" or \
+                obj.is_sparse:
             continue
         try:
             storage = obj.untyped_storage()

@@ -535,6 +535,7 @@ class _Engine:
         last_mb = {a.stage: a.microbatch for a in self.sched.actions[rank.pp]
                    if a.kind == grads_at}
         has_gathers = bool(hw.gather_units[rank.pp])
+        late_s = cm.costs.late_receive_s()  # a receive that finds its message sent waits
         seen: set[int] = set()
 
         def compute_pass(a: Action, lock: simpy.Resource | None = None):
@@ -567,9 +568,8 @@ class _Engine:
                 arrival = self._arrival(rank.cls, key)
                 sent_before = arrival.triggered
                 yield from self._wait(rank, arrival, "bubble")
-                if sent_before and cm.costs.late_receive_s() > 0:
-                    yield from self._wait(rank, self.env.timeout(cm.costs.late_receive_s()),
-                                          "exposed_comm")
+                if sent_before and late_s > 0:
+                    yield from self._wait(rank, self.env.timeout(late_s), "exposed_comm")
             elif k == "RG":
                 yield from self._reduce_grads(rank)
             elif k == "OPT":

@@ -189,9 +189,9 @@ def time_pipeline_messages(pf: PlanFile, device) -> dict[str, float]:
     traces: list = [None] * dist.get_world_size()
     dist.all_gather_object(traces, steps)
     pp_ranks = [traces[mesh.pp_peer(r)] for r in range(plan.pp)]
-    steps_ = [list(step) for step in zip(*pp_ranks, strict=True)]
-    latencies = [s for step in steps_ for s in message_latencies(step)]
-    late = [s for step in steps_ for s in late_receive_waits(step)]
+    traced = [list(step) for step in zip(*pp_ranks, strict=True)]
+    latencies = [s for step in traced for s in message_latencies(step)]
+    late = [s for step in traced for s in late_receive_waits(step)]
     if not latencies or not late:
         raise RuntimeError("the traced pipeline steps need messages of both kinds: "
                            f"{len(latencies)} to a waiting receiver, {len(late)} received late")
@@ -199,30 +199,35 @@ def time_pipeline_messages(pf: PlanFile, device) -> dict[str, float]:
             "late_receive_s": sum(late) / len(late)}
 
 
-def message_latencies(ranks: list[list[tuple[str, int, int, float, float]]]) -> list[float]:
-    """Per message of one traced step whose receiver was waiting before it was sent:
-    seconds from the send's start to the receive's end. `ranks`: per pipeline rank, its
-    actions as (kind, stage, micro-batch, start s, end s) on one clock."""
+Trace = list[list[tuple[str, int, int, float, float]]]
+
+
+def _messages(ranks: Trace) -> list[tuple[float, float, float]]:
+    """(send start, receive start, receive end) of each message of one traced step.
+    `ranks`: per pipeline rank, its actions as (kind, stage, micro-batch, start s, end s)
+    on one clock."""
     recv = {(k, s, m): (t0, t1) for acts in ranks for k, s, m, t0, t1 in acts
             if k in ("RF", "RB")}
     out = []
     for acts in ranks:
         for k, s, m, t0, _ in acts:
-            if k not in ("SF", "SB"):
-                continue
-            got = recv.get(("RF", s + 1, m) if k == "SF" else ("RB", s - 1, m))
-            if got and got[0] <= t0:
-                out.append(got[1] - t0)
+            got = recv.get(("RF", s + 1, m) if k == "SF" else ("RB", s - 1, m)) \
+                if k in ("SF", "SB") else None
+            if got:
+                out.append((t0, *got))
     return out
 
 
-def late_receive_waits(ranks: list[list[tuple[str, int, int, float, float]]]) -> list[float]:
-    """Per receive of one traced step posted after its message's send started: seconds
-    from the receive's start to its end. `ranks` as for `message_latencies`."""
-    sent = {("RF", s + 1, m) if k == "SF" else ("RB", s - 1, m): t0
-            for acts in ranks for k, s, m, t0, _ in acts if k in ("SF", "SB")}
-    return [t1 - t0 for acts in ranks for k, s, m, t0, t1 in acts
-            if k in ("RF", "RB") and sent.get((k, s, m), t0 + 1) <= t0]
+def message_latencies(ranks: Trace) -> list[float]:
+    """Per message whose receiver was waiting before it was sent: seconds from the send's
+    start to the receive's end."""
+    return [r1 - sent for sent, r0, r1 in _messages(ranks) if r0 <= sent]
+
+
+def late_receive_waits(ranks: Trace) -> list[float]:
+    """Per receive posted after its message's send started: seconds from the receive's
+    start to its end."""
+    return [r1 - r0 for sent, r0, r1 in _messages(ranks) if sent <= r0]
 
 
 def split_plan_file(seq: int) -> PlanFile:

@@ -11,10 +11,14 @@ the compute). Each is measured the way `opbench.overheads` measures the plain la
 runtime's own model under one plan, with 1 and 3 layers, their calls alternating so that
 the machine's drift cancels; half the difference is one layer's forward and backward.
 That at two sizes (`MECH_POINTS`): 16 tokens, where compute costs next to nothing, and
-4 x 128 tokens, where on this VM the layers ran 1.2-4.5 ms each way over their priced
-time, against at most 1.8 ms at 16 tokens. `profile.py` subtracts what the cost model
-already prices for the layer (ops, messages, the plain layer's overhead) and fits the
-rest as a fixed part and a share of the layer's work.
+4 x 512 tokens, more than any micro-batch of the validation suite, so that the line
+between them interpolates the suite's layers rather than extrapolating. On this VM the
+layers ran 1.2-4.5 ms each way over their priced time at 4 x 128 tokens, against at most
+1.8 ms at 16 tokens, and the MoE layer's residual grew more slowly than its work past
+that (0.60 of the bare layer at 4 x 128 tokens, 0.45 at 4 x 256, 0.33 at 4 x 512), so a
+line through 16 and 4 x 128 tokens over-priced it at 4 x 256. `profile.py` subtracts what
+the cost model already prices for the layer (ops, messages, the plain layer's overhead)
+and fits the rest as a fixed part and a share of the layer's work.
 
 Pipelining adds no host time to a chunk call worth pricing (a traced 1F1B step of
 tiny-dense at 256 tokens ran each chunk's forward within 2% of its priced ops); what it
@@ -28,8 +32,8 @@ computing, and that thread waits for the core. On this VM most of those receives
 0.2 ms and some 2-7 ms (the kernel's scheduler slice, where the woken thread lands on the
 busy core), and in 1F1B steps of the validation suite's shape every forward receive of
 the last stage after its first was one, 1.6 ms on average over 8 runs. Their mean is
-recorded: on the slowest rank each one adds to the step. The pipeline runs at the larger
-mechanism size, so that a chunk computes for longer than a scheduler slice.
+recorded: on the slowest rank each one adds to the step. The pipeline runs 4 x 128
+tokens a micro-batch, so that a chunk computes for longer than a scheduler slice.
 
 ZB-H1 and DualPipe split a stage's backward into an input pass and a weight pass
 (torch.distributed.pipelining's `stage_backward_input` and `stage_backward_weight`),
@@ -60,7 +64,8 @@ MECHANISMS = {"tp": ("tiny-dense", "tp=2,sp=on"), "cp": ("tiny-dense", "cp=2"),
               "fsdp": ("tiny-dense", "dp=2,zero=3"), "zero2": ("tiny-dense", "dp=2,zero=2"),
               "moe": ("tiny-moe", "dp=2"), "ep": ("tiny-moe", "dp=2,ep=2")}
 SEQ = 16
-MECH_POINTS = ((SEQ, 1), (128, 4))  # (sequence, micro-batch size) each mechanism runs at
+MECH_POINTS = ((SEQ, 1), (512, 4))  # (sequence, micro-batch size) each mechanism runs at
+PP_POINT = (128, 4)  # (sequence, micro-batch size) of the traced pipeline
 REPS = 40
 PP_PLAN, PP_MICRO_BATCHES = "pp=2", 6
 SPLIT_LAYERS, SPLIT_SEQS = 2, (16, 256)
@@ -151,9 +156,9 @@ def _slowest_median(*samples: list[float]) -> list[float]:
 
 
 def pp_plan_file(micro_batches: int, processes: int) -> PlanFile:
-    """tiny-dense with one layer per pipeline stage, `micro_batches` micro-batches at the
-    larger mechanism size."""
-    seq, mbs = MECH_POINTS[-1]
+    """tiny-dense with one layer per pipeline stage, `micro_batches` micro-batches of
+    `PP_POINT`."""
+    seq, mbs = PP_POINT
     model = replace(load_model("tiny-dense"), n_layers=2)
     plan = Plan.parse(f"{PP_PLAN},mbs={mbs},kernels=eager").resolve(processes)
     work = TrainWorkload(seq_len=seq, global_batch=micro_batches * mbs * plan.dp,

@@ -84,8 +84,9 @@ class HardwareProfile:
     # idle p2p fit (`validate.mechbench.time_pipeline_messages`)
     pp_message_s: float = 0.0
     # seconds a pipeline receive posted after its message was sent takes, the sender
-    # computing (`validate.mechbench.late_receives`): gloo hands a message over only once
-    # the receiver asks, on a thread of the sender that must get a core from its compute
+    # computing (`validate.mechbench.late_receive_waits`): gloo hands a message over only
+    # once the receiver asks, on a thread of the sender that must get a core from its
+    # compute
     pp_late_receive_s: float = 0.0
     # [seconds per layer, fraction of the layer's backward] that the runtime's split
     # backward (input pass, then weight pass) adds (`validate.mechbench.time_split_backward`)

@@ -216,10 +216,10 @@ def _messages(ranks: Trace) -> list[tuple[float, float, float]]:
     out = []
     for acts in ranks:
         for k, s, m, t0, _ in acts:
-            got = recv.get(("RF", s + 1, m) if k == "SF" else ("RB", s - 1, m)) \
-                if k in ("SF", "SB") else None
-            if got:
-                out.append((t0, *got))
+            if k in ("SF", "SB"):
+                got = recv.get(("RF", s + 1, m) if k == "SF" else ("RB", s - 1, m))
+                if got:
+                    out.append((t0, *got))
     return out
 
 

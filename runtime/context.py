@@ -5,8 +5,12 @@ rank has the same share of the causal mask's work (the "zigzag" split of Llama 3
 parallelism, Grattafiori et al. 2024 §3.3.2, and of ring-flash-attention). Attention passes
 the K/V blocks around the ring cp−1 times, computing blockwise attention with a running
 log-sum-exp (Liu et al. 2023, "Ring Attention with Blockwise Transformers", §3;
-Milakov & Gimelshein 2018 for the online softmax). Backward passes K/V and their gradients
-around the ring once more so each block's gradient returns to its owner.
+Milakov & Gimelshein 2018 for the online softmax). Backward passes the K/V blocks around
+again, each block's gradient following it one hop behind and taking one hop more to
+return to its owner. Every hop is started before the block in hand is computed and
+waited for after it, so it travels under that compute (Liu et al. §3: "overlapping the
+communication of key-value blocks with the computation of blockwise attention"); only
+the backward's last hop, the gradients coming home, has nothing left to hide behind.
 
 Each (query chunk, key chunk) pair runs one fused flash-attention call that also returns
 its log-sum-exp (causal on the diagonal, unmasked below it, skipped above), so the ring
@@ -16,6 +20,8 @@ the gradients (Dao 2023, FlashAttention-2 §3.1.2 — the backward needs only O 
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,10 +40,11 @@ def zigzag_chunks(cp: int, cp_rank: int) -> tuple[int, int]:
     return cp_rank, 2 * cp - 1 - cp_rank
 
 
-def _shift(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """Send each tensor to the next rank of the ring and receive the previous rank's,
-    packed into one message per dtype (K and V, or K, V and their fp32 gradients, would
-    otherwise pay one latency each: on gloo 4 of a backward hop's 6 sends)."""
+def _shift(tensors: list[torch.Tensor], group) -> Callable[[], list[torch.Tensor]]:
+    """Start sending each tensor to the next rank of the ring and receiving the previous
+    rank's, packed into one message per dtype (K and V would otherwise pay one latency
+    each); returns the wait that gives the received tensors. The hop travels while the
+    caller computes (gloo's threads carry it on a CPU, NCCL's stream on a GPU)."""
     n, me = dist.get_world_size(group), dist.get_rank(group)
     nxt = dist.get_global_rank(group, (me + 1) % n)
     prev = dist.get_global_rank(group, (me - 1) % n)
@@ -48,13 +55,19 @@ def _shift(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
     got = [torch.empty_like(flat) for flat in sent]
     ops = [dist.P2POp(dist.isend, flat, nxt, group) for flat in sent]
     ops += [dist.P2POp(dist.irecv, flat, prev, group) for flat in got]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    for idx, flat in zip(by_dtype.values(), got, strict=True):
-        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx]), strict=True):
-            out[i] = part.view_as(tensors[i])
-    return out
+    works = dist.batch_isend_irecv(ops)
+
+    def finish() -> list[torch.Tensor]:
+        for work in works:
+            work.wait()
+        out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        for idx, flat in zip(by_dtype.values(), got, strict=True):
+            for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx]),
+                               strict=True):
+                out[i] = part.view_as(tensors[i])
+        return out
+
+    return finish
 
 
 def _flash(q, k, v, causal: bool, scale: float):
@@ -121,12 +134,13 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         kv = [k, v]
         for step in range(n):
-            if step:
-                kv = _shift(kv, group)
+            hop = _shift(kv, group) if step < n - 1 else None  # the next block, meanwhile
             ke, ve = _expand(kv[0], heads), _expand(kv[1], heads)
             for qi, ki, causal in _pairs(me, (me - step) % n, n):
                 o_j, lse_j = _flash(_half(q, qi), _half(ke, ki), _half(ve, ki), causal, scale)
                 _merge(_half(out, qi), _half(lse, qi), o_j, lse_j)
+            if hop is not None:
+                kv = hop()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale = group, scale
@@ -139,13 +153,10 @@ class _RingAttention(torch.autograd.Function):
         n, me = dist.get_world_size(group), dist.get_rank(group)
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=torch.float32)
-        k_blk, v_blk = k, v
-        dk = torch.zeros_like(k, dtype=torch.float32)
-        dv = torch.zeros_like(dk)
+        kv, grads = [k, v], None
         for step in range(n):
-            if step:
-                k_blk, v_blk, dk, dv = _shift([k_blk, v_blk, dk, dv], group)
-            ke, ve = _expand(k_blk, heads), _expand(v_blk, heads)
+            hop = _shift(kv, group) if step < n - 1 else None
+            ke, ve = _expand(kv[0], heads), _expand(kv[1], heads)
             dke = torch.zeros_like(ke, dtype=torch.float32)
             dve = torch.zeros_like(ve, dtype=torch.float32)
             for qi, ki, causal in _pairs(me, (me - step) % n, n):
@@ -156,9 +167,14 @@ class _RingAttention(torch.autograd.Function):
                 _half(dq, qi).add_(g[0].float())
                 _half(dke, ki).add_(g[1].float())
                 _half(dve, ki).add_(g[2].float())
-            dk = dk + _fold(dke, k.shape[1])
-            dv = dv + _fold(dve, v.shape[1])
-        dk, dv = _shift([dk, dv], group)  # the last hop brings each block's gradient home
+            dk, dv = _fold(dke, k.shape[1]), _fold(dve, v.shape[1])
+            if grads is not None:  # the block's gradient so far, from the ranks before
+                got = grads()
+                dk, dv = dk + got[0], dv + got[1]
+            grads = _shift([dk, dv], group)  # on to the next rank, under the next block
+            if hop is not None:
+                kv = hop()
+        dk, dv = grads()  # the last hop has brought this rank's blocks' gradients home
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

@@ -231,6 +231,9 @@ class CalibratedCosts:
         count: `meshplan profile` records no more), the fair share of `_nearest`."""
         return self._shared
 
+    def reduce_scatter_overlaps(self) -> bool:
+        return self.profile.device != "cpu"
+
     def overlap_slowdown(self) -> float:
         """Measured with this job's process count (`commbench.overlap_slowdown`: a GEMM
         loop with all-reduces in flight); the published average where not measured. A

@@ -77,6 +77,13 @@ class CostModel(Protocol):
         those computing. None where each process has a device of its own."""
         ...
 
+    def reduce_scatter_overlaps(self) -> bool:
+        """Whether FSDP's gradient reduce-scatters run beside the backward. PyTorch's
+        FSDP2 issues them as blocking calls (`fsdp._fully_shard._fsdp_collectives.
+        foreach_reduce`, `async_op=False`); on a GPU that blocks only a side stream, on a
+        CPU device, which has no streams, it blocks the backward."""
+        ...
+
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         """One named memory-bound op of a layer (`costmodels.flops` names and bytes: a norm,
         RoPE, a residual add, ...; `_bwd` names their backward), fused or `eager`."""
@@ -142,6 +149,9 @@ class NominalCosts:
 
     def shared_cores(self) -> tuple[int, float] | None:
         return None  # a GPU per process
+
+    def reduce_scatter_overlaps(self) -> bool:
+        return True  # NCCL on FSDP2's reduce-scatter stream
 
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         return memory_time_s(self.device, nbytes * (eager_factor(name) if eager else 1.0))

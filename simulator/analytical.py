@@ -97,6 +97,7 @@ class LayerParts:
     tp_overlap: bool  # TP chunked against the GEMMs (Megatron --tp-comm-overlap)
     cp_ring: float  # forward ring passes
     cp_ring_b: float  # backward ring passes (K/V and their gradients)
+    cp_home: float  # the backward's last hop, gradients home after the compute (exposed)
     ep: float  # one all-to-all (dispatch or combine)
     ep_counts: float  # the forward's exchange of routed-token counts before dispatch
     recompute: float
@@ -112,7 +113,7 @@ class LayerParts:
             tp_f = exposed_beside(self.gemm_f, tp_f, sd)
             tp_b = exposed_beside(2 * self.gemm_f, tp_b, sd)
         cp_f = exposed_beside(self.attn_f, self.cp_ring, sd)
-        cp_b = exposed_beside(self.attn_b, self.cp_ring_b, sd)
+        cp_b = exposed_beside(self.attn_b, self.cp_ring_b, sd) + self.cp_home
         return tp_f + cp_f + 2 * self.ep + self.ep_counts, tp_b + cp_b + 2 * self.ep
 
     @property
@@ -281,6 +282,8 @@ class PlanCosts:
         parts = LayerParts(fwd=fwd, bwd=bwd, gemm_f=gemm_f, attn_f=attn_f, attn_b=attn_b,
                            tp_f=tp, tp_b=tp, tp_overlap=self.plan.tp_overlap,
                            cp_ring=self._cp_ring(), cp_ring_b=self._cp_ring(backward=True),
+                           cp_home=self.costs.p2p_s(self.cp_group.nodes > 1, self.cp_home_bytes)
+                           if self.cp_home_bytes else 0.0,
                            ep=self._ep_comm() if moe_layer else 0.0,
                            ep_counts=self._ep_counts() if moe_layer else 0.0, recompute=0.0,
                            slowdown=self.costs.overlap_slowdown(), split_extra=split)
@@ -328,16 +331,24 @@ class PlanCosts:
         return sum(self.costs.p2p_s(crosses, b) for b in self.cp_ring_messages(backward))
 
     def cp_ring_messages(self, backward: bool) -> list[float]:
-        """Bytes of each message a rank sends around the ring per layer and micro-batch:
-        K/V blocks travel cp−1 hops in forward. In backward they travel cp−1 hops again
-        beside their fp32 gradients, which take one hop more to return to the block's
-        owner (ring-flash-attention, torch's context_parallel; meshplan's
-        `runtime.context`), one message a hop."""
+        """Bytes of each message a rank sends around the ring under blockwise attention,
+        per layer and micro-batch: K/V blocks travel cp−1 hops in forward. In backward
+        they travel cp−1 hops again, each block's fp32 gradient one hop behind it
+        (ring-flash-attention, torch's context_parallel; meshplan's `runtime.context`):
+        cp−1 gradient hops under the compute, then the last (`cp_home_bytes`)."""
         hops, kv = self.plan.cp - 1, self.cp_step_bytes
-        if not backward:
-            return [kv] * hops
-        grads = kv * 4 / self.shard.act_bytes
-        return [kv + grads] * hops + [grads] * (hops > 0)
+        return [kv] * hops + ([self.cp_grad_bytes] * hops if backward else [])
+
+    @property
+    def cp_grad_bytes(self) -> float:
+        """One block's K/V gradients in fp32."""
+        return self.cp_step_bytes * 4 / self.shard.act_bytes
+
+    @property
+    def cp_home_bytes(self) -> float:
+        """The backward's last ring hop: the gradients return to their block's owner
+        after every block is computed, so nothing hides it."""
+        return self.cp_grad_bytes if self.plan.cp > 1 else 0.0
 
     def _ep_comm(self) -> float:
         """One of the dispatch and combine all-to-alls each way (GShard; Megatron-Core MoE)."""
@@ -783,7 +794,8 @@ class PlanCosts:
     def dp_exposed_s(self, rank: int, phase_f: float, phase_b: float) -> tuple[float, float]:
         """(exposed seconds, total seconds) of DP/FSDP communication for one step, unit by
         unit (`dp_units`). Gradients are reduced once per step, after the last
-        micro-batch's backward (no sync while accumulating)."""
+        micro-batch's backward (no sync while accumulating); FSDP's reduce-scatters block
+        the backward where the device has no side stream (`reduce_scatter_overlaps`)."""
         p = self.plan
         sd = self.costs.overlap_slowdown()
         total = exposed = 0.0
@@ -797,11 +809,12 @@ class PlanCosts:
             grads = units * self.costs.collective_s(u.group, u.grad_op, u.unit_bytes)
             gather = units * self.costs.collective_s(u.group, "all_gather", u.unit_bytes) \
                 if u.zero else 0.0
+            beside = not u.zero or self.costs.reduce_scatter_overlaps()
             if self.regathers:
                 total += self.m * 2 * gather + grads
                 if p.dp_overlap:  # the next unit's gather runs under this one's compute
                     exposed += self.m * (hide(gather, phase_f) + hide(gather, phase_b))
-                    exposed += hide(grads, max(0.0, phase_b - gather))
+                    exposed += hide(grads, max(0.0, phase_b - gather)) if beside else grads
                 else:
                     exposed += self.m * 2 * gather + grads
                 continue
@@ -811,7 +824,7 @@ class PlanCosts:
             if p.dp_overlap:
                 # A unit's reduction starts when its last gradient is ready, so at least the
                 # last unit's is exposed.
-                exposed += hide(grads, phase_b)
+                exposed += hide(grads, phase_b) if beside else grads
                 exposed += hide(gather, phase_f) if gather else 0.0
             else:
                 exposed += grads + gather

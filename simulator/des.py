@@ -168,7 +168,8 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
                   ) -> tuple[list[_Block], list[_Block], list[_Block]]:
     """(forward, backward, weight-gradient) blocks of one layer for one micro-batch."""
     # two TP all-reduces each way (as SP's all-gathers plus reduce-scatters: the same bus
-    # bytes), the ring's passes (`PlanCosts._cp_ring`), one all-to-all at a time
+    # bytes), the ring's passes (`PlanCosts._cp_ring`) and its last hop home, one
+    # all-to-all at a time
     tp_op = "all_gather+reduce_scatter" if cm.plan.sp else "all_reduce"
 
     def tp(t: float) -> tuple[_Flow, ...]:
@@ -203,6 +204,8 @@ def _layer_blocks(parts: LayerParts, pr: _Pricer, cm: PlanCosts, moe: bool, spli
     bwd += [_Block(flows=ep), _Block(flows=ep)] if ep else []
     if parts.cp_ring:
         bwd.append(_Block(compute_s=parts.attn_b, flows=ring(True)))
+        bwd.append(_Block(flows=pr.collective("cp", cm.cp_group, "p2p", cm.cp_home_bytes,
+                                              parts.cp_home, "ring home")))
         rest -= parts.attn_b
     if parts.tp_b and parts.tp_overlap:
         tp_gemm = min(2 * parts.gemm_f, rest)
@@ -243,8 +246,10 @@ def _stage_program(cm: PlanCosts, pr: _Pricer, stage: int, split_w: bool) -> _St
         bwd += per_layer[k][1]
         wgt += per_layer[k][2]
     bwd.insert(0, _Block(compute_s=over_b))
-    if eb is not None:
-        bwd.append(_Block(compute_s=eb.compute))
+    if eb is not None:  # the embedding's gradient, the first stage's last, completes here
+        bwd.append(_Block(compute_s=eb.compute, grads_ready=first_s and not split_w))
+    if first_s and split_w:
+        wgt.append(_Block(grads_ready=True))
     bwd += ends_b
     return _StageProgram(fwd=_merge(fwd), bwd=_merge(bwd), wgt=_merge(wgt), layers=len(kinds))
 
@@ -275,6 +280,7 @@ class _Rank:
     slow: float  # compute time factor
     spent: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0.0))
     layers_ready: int = 0  # layers whose gradients are complete this step
+    grads_blocked: int = 0  # gradient units `_blocking_grads` has passed
     gathers_done: int = 0
     gathers_used: int = 0
     end_s: float | None = None
@@ -301,7 +307,8 @@ class _Hardware:
     pr: _Pricer
     programs: list[_StageProgram]
     gather_units: dict[int, list[tuple[_Flow, ...]]]
-    grad_units: dict[int, list[tuple[int, tuple[_Flow, ...]]]]
+    # per pipeline rank: (layers it waits for, flows, whether it blocks the compute)
+    grad_units: dict[int, list[tuple[int, tuple[_Flow, ...], bool]]]
 
 
 def _hardware(cm: PlanCosts, split_w: bool) -> _Hardware:
@@ -313,22 +320,28 @@ def _hardware(cm: PlanCosts, split_w: bool) -> _Hardware:
 
 
 def _dp_units(cm: PlanCosts, pr: _Pricer) -> tuple[dict[int, list[tuple[_Flow, ...]]],
-                                                   dict[int, list[tuple[int, tuple[_Flow, ...]]]]]:
+                                                   dict[int, list[tuple[int, tuple[_Flow, ...],
+                                                                        bool]]]]:
     """Per pipeline rank: the all-gathers of one pass over its layers, in order (the
     first also gathers the root unit: embedding, final norm, head), and the gradient
-    reductions with how many of the rank's layers each waits for. Units as the
-    analytical engine prices them (`PlanCosts.dp_exposed_s`)."""
+    reductions with how many of the rank's layers each waits for and whether it blocks
+    the compute stream (FSDP's reduce-scatter without a side stream,
+    `CostModel.reduce_scatter_overlaps`). Units as the analytical engine prices them
+    (`PlanCosts.dp_exposed_s`)."""
     gathers: dict[int, list[tuple[_Flow, ...]]] = {}
-    grads: dict[int, list[tuple[int, tuple[_Flow, ...]]]] = {}
+    grads: dict[int, list[tuple[int, tuple[_Flow, ...], bool]]] = {}
+    blocks = not cm.costs.reduce_scatter_overlaps()
     for r in range(cm.plan.pp):
         per_group_g, per_group_r = [], []
         for u in cm.dp_units(r):
             red = pr.collective("dp", u.group, u.grad_op, u.unit_bytes)
-            if not u.zero:  # DDP bucket k waits for its share of the layers
-                per_group_r.append([(min(u.layers, math.ceil((k + 1) * u.layers / u.units)),
-                                     red) for k in range(u.units)])
+            # gradients complete layer by layer, on the first stage the embedding's last
+            ready = u.layers + (0 in cm.rank_stages[r])
+            if not u.zero:  # DDP bucket k waits for its share
+                per_group_r.append([(min(ready, math.ceil((k + 1) * ready / u.units)),
+                                     red, False) for k in range(u.units)])
                 continue
-            per_group_r.append([(min(k + 1, u.layers), red) for k in range(u.units)])
+            per_group_r.append([(min(k + 1, ready), red, blocks) for k in range(u.units)])
             t = cm.costs.collective_s(u.group, "all_gather", u.unit_bytes)
             per_group_g.append([pr.collective("dp", u.group, "all_gather", u.unit_bytes,
                                               t * (2 if k == 0 else 1))
@@ -462,8 +475,11 @@ class _Engine:
         return ev
 
     def _dp_stream(self, rank: _Rank):
-        """Reduce gradient units as the rank's layers finish their last backward."""
-        for i, (need, flows) in enumerate(self.hw[rank.cls].grad_units[rank.pp]):
+        """Reduce gradient units as the rank's layers finish their last backward (those
+        that block the compute: `_blocking_grads`)."""
+        for i, (need, flows, blocks) in enumerate(self.hw[rank.cls].grad_units[rank.pp]):
+            if blocks:
+                continue
             while rank.layers_ready < need:
                 yield rank.ready
             yield from self._collective(rank, ("grad", rank.pp, i), flows)
@@ -512,8 +528,25 @@ class _Engine:
             if b.grads_ready and grad_pass:
                 rank.layers_ready += 1
                 _bump(self.env, rank, "ready")
+                if self.cm.plan.dp_overlap:
+                    yield from self._blocking_grads(rank)
         self.spans.append(Span(rank=rank.index, stream="compute", name=name,
                                start_s=t_start, end_s=self.env.now))
+
+    def _blocking_grads(self, rank: _Rank):
+        """The reductions that block the compute stream and whose layers are all ready,
+        in order, on the compute stream."""
+        units = self.hw[rank.cls].grad_units[rank.pp]
+        while rank.grads_blocked < len(units):
+            i = rank.grads_blocked
+            need, flows, blocks = units[i]
+            if blocks and need > rank.layers_ready:
+                return
+            rank.grads_blocked += 1
+            if blocks:
+                t0 = self.env.now
+                yield from self._collective(rank, ("grad", rank.pp, i), flows)
+                rank.spent["exposed_comm"] += self.env.now - t0
 
     def _use_gather(self, rank: _Rank):
         if self.cm.plan.dp_overlap:
@@ -608,7 +641,7 @@ class _Engine:
             assert rank.dp_done is not None
             yield from self._wait(rank, rank.dp_done, "exposed_comm")
         else:
-            for i, (_need, flows) in enumerate(hw.grad_units[rank.pp]):
+            for i, (_need, flows, _blocks) in enumerate(hw.grad_units[rank.pp]):
                 t0 = self.env.now
                 yield from self._collective(rank, ("grad", rank.pp, i), flows)
                 rank.spent["exposed_comm"] += self.env.now - t0

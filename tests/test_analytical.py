@@ -229,19 +229,23 @@ def test_sp_norm_gradients_are_reduced_once_per_step():
 
 
 def test_ring_backward_returns_the_gradients_home():
-    """Backward sends K/V cp−1 hops beside their fp32 gradients, which take cp hops: for
-    bf16 at cp=4, 3·(kv + 2kv) + 2kv = 11 K/V blocks against the forward's 3."""
+    """Backward sends K/V cp−1 hops under the compute, each block's fp32 gradient one hop
+    behind, and the gradients' last hop home after it: for bf16 at cp=4, 3 hops of kv
+    and 3 of 2kv hidden, one of 2kv exposed, against the forward's 3 of kv."""
     from meshplan.simulator.analytical import prepare
     m, c = mp.load_model("llama3-8b"), mp.load_cluster("h100-sxm", 8)
     cm = prepare(m, c, mp.TrainWorkload(seq_len=8192, global_batch=2),
                  mp.Plan.parse("cp=4,dp=2,mbs=1"), None)
     kv = cm.cp_step_bytes
     assert cm.cp_ring_messages(False) == [kv] * 3
-    assert cm.cp_ring_messages(True) == [3 * kv] * 3 + [2 * kv]
+    assert cm.cp_ring_messages(True) == [kv] * 3 + [2 * kv] * 3
+    assert cm.cp_home_bytes == 2 * kv
     parts = cm.layer_parts(False)
-    assert parts.cp_ring == pytest.approx(3 * cm.costs.p2p_s(False, kv))
-    assert parts.cp_ring_b == pytest.approx(3 * cm.costs.p2p_s(False, 3 * kv)
-                                            + cm.costs.p2p_s(False, 2 * kv))
+    p2p = cm.costs.p2p_s
+    assert parts.cp_ring == pytest.approx(3 * p2p(False, kv))
+    assert parts.cp_ring_b == pytest.approx(3 * p2p(False, kv) + 3 * p2p(False, 2 * kv))
+    assert parts.cp_home == pytest.approx(p2p(False, 2 * kv))
+    assert parts.exposed()[1] >= parts.cp_home
 
 
 def test_dropless_dispatch_exchanges_counts_first():

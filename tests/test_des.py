@@ -57,6 +57,9 @@ class PassCosts:
     def shared_cores(self):
         return None
 
+    def reduce_scatter_overlaps(self):
+        return True
+
     def mem_op_s(self, dtype, name, nbytes, eager):
         return 0.0
 
@@ -283,6 +286,55 @@ def test_overlap_slows_overlapped_compute_and_hides_fsdp_traffic():
     assert some.time.compute > none.time.compute
     off = simulate_des(m, c, w, dataclasses.replace(plan, dp_overlap=False)).result
     assert none.step_time_s < off.step_time_s
+
+
+class _BlockingReduceScatter(NominalCosts):
+    """A device without a side stream: FSDP's reduce-scatters block the backward."""
+
+    def reduce_scatter_overlaps(self):
+        return False
+
+
+@pytest.mark.parametrize("plan", ["dp=16,zero=3,mbs=1", "dp=8,pp=2,zero=1,mbs=1"])
+def test_blocking_reduce_scatters_are_exposed_in_both_engines(plan):
+    """Where FSDP's reduce-scatters block (a CPU device), every one of them adds to the
+    step in both engines; the gathers still hide. Without pipelining the engines agree;
+    with it the event engine also sees the last stage's blocking delay the gradients it
+    sends back, which the analytical engine, charging the slowest rank, does not."""
+    m, c = load_model("llama3-8b"), load_cluster("h100-sxm", 16)
+    w, p = TrainWorkload(seq_len=4096, global_batch=32), Plan.parse(plan)
+    costs = _BlockingReduceScatter(c)
+    a = simulate_analytical(m, c, w, p, CostCache(costs=costs))
+    d = simulate_des(m, c, w, p, CostCache(costs=costs)).result
+    free = simulate_analytical(m, c, w, p)
+    from meshplan.simulator.analytical import prepare
+    cm = prepare(m, c, w, p, CostCache(costs=costs))
+    worst = max(range(p.pp), key=lambda r: cm.rank_phases[r].total)
+    scatters = sum(u.units * costs.collective_s(u.group, u.grad_op, u.unit_bytes)
+                   for u in cm.dp_units(worst))
+    assert a.time.exposed_comm >= scatters
+    assert d.time.exposed_comm >= 0.99 * scatters
+    if p.pp == 1:
+        assert d.step_time_s == pytest.approx(a.step_time_s, rel=0.01)
+    else:
+        assert a.step_time_s <= d.step_time_s <= 1.05 * a.step_time_s
+    assert a.step_time_s > free.step_time_s
+
+
+def test_one_ddp_bucket_waits_for_the_embeddings_gradient():
+    """A model whose gradients fill one DDP bucket reduces them after the whole backward,
+    the embedding's included: none of the all-reduce hides, in either engine."""
+    m, c = load_model("tiny-dense"), load_cluster("h100-sxm", 2)
+    w, p = TrainWorkload(seq_len=256, global_batch=16), Plan.parse("dp=2,mbs=4")
+    a = simulate_analytical(m, c, w, p)
+    d = simulate_des(m, c, w, p).result
+    from meshplan.simulator.analytical import prepare
+    cm = prepare(m, c, w, p, None)
+    (unit,) = cm.dp_units(0)
+    assert unit.units == 1
+    reduce = cm.costs.collective_s(unit.group, "all_reduce", unit.unit_bytes)
+    assert d.time.exposed_comm == pytest.approx(reduce, rel=1e-6)
+    assert a.time.exposed_comm == pytest.approx(reduce, rel=1e-6)
 
 
 def test_links_are_shared_max_min_fairly():

@@ -158,6 +158,10 @@ def _add_profile(sub) -> None:
     pr.add_argument("--kernel-table", metavar="KERNELS.json",
                     help="merge benchmarks/bench_kernels.py's measured Triton kernels in as "
                     "the elementwise ops")
+    pr.add_argument("--links-only", metavar="BASE.json",
+                    help="measure only the collectives (and how compute slows beside them), "
+                    "taking every other table from BASE.json: the same machine on changed "
+                    "or throttled links")
 
 
 def _add_place(sub) -> None:
@@ -514,7 +518,7 @@ def _profile(args: argparse.Namespace) -> int:
     _need_torch("profile")
     import torch
 
-    from meshplan.validate.profile import QUICK, ProfileOptions, measure, merge_kernel_table
+    from meshplan.validate import profile as bench
 
     procs = _int_list(args.processes, "processes")
     require(all(p >= 2 for p in procs), "processes", f"need >= 2 processes, got {procs}")
@@ -525,14 +529,25 @@ def _profile(args: argparse.Namespace) -> int:
     require(device == "cpu" or torch.cuda.is_available(), "device", "no CUDA device here")
     table = read_json(args.kernel_table, "kernel_table") if args.kernel_table else None
     start = time.perf_counter()
-    options = dict(QUICK) if args.quick else {}
+    options = dict(bench.QUICK) if args.quick else {}
     if args.sweeps is not None:
         require(args.sweeps >= 1, "sweeps", f"must be at least 1, got {args.sweeps}")
         options["sweeps"] = args.sweeps
-    prof = measure(ProfileOptions(device=device, processes=procs, dtypes=dtypes, **options),
-                   say=lambda m: print(m, file=sys.stderr))
+    opts = bench.ProfileOptions(device=device, processes=procs, dtypes=dtypes, **options)
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    if args.links_only:
+        base = read_json(args.links_only, "links_only")
+        found = base.get("device") if isinstance(base, dict) else None
+        require(found == device, "links_only",
+                f"{args.links_only} profiles device {found!r}, this run measures {device!r}")
+        prof = bench.relink(base, opts, say)
+    else:
+        prof = bench.measure(opts, say=say)
     if table is not None:
-        prof = merge_kernel_table(prof, table)
+        prof = bench.merge_kernel_table(prof, table)
     Path(args.out).write_text(json.dumps(prof, indent=1))
     for key, value in prof["peaks"].items():
         print(f"{key:32s} {value:.4g}")

@@ -422,3 +422,44 @@ def test_rounds_keep_each_plan_s_fastest_run_and_cases_are_picked_by_name():
     assert select(CPU_SUITE, None) == CPU_SUITE
     with pytest.raises(SpecError, match="cases: dp3 not in the suite"):
         select(CPU_SUITE, "dp2,dp3")
+
+
+def test_relinking_a_profile_remeasures_only_its_links(monkeypatch):
+    """`meshplan profile --links-only BASE`: the collectives and the slowdown beside
+    them come from the new passes; every compute table, overhead and the shared-compute
+    slowdown stay the base's."""
+    from meshplan.validate import profile as prof_mod
+
+    calls = []
+
+    def commbench(n: int, opts, gemm: bool) -> dict:
+        calls.append((n, gemm))
+        return {"collectives": [["all_reduce", 1024, 1e-3], ["all_reduce", 4096, 4e-3]],
+                "gemm": [], "overlap_slowdown": 0.05}
+
+    monkeypatch.setattr(prof_mod, "_commbench", commbench)
+    base = profile_to_dict(synthetic())
+    out = prof_mod.relink(base, prof_mod.ProfileOptions(processes=(2,), sweeps=2),
+                          say=lambda _m: None)
+    assert calls == [(2, False), (2, False)]
+    assert out["collectives"]["2"] == prof_mod.fit_collectives(
+        [["all_reduce", 1024, 1e-3], ["all_reduce", 4096, 4e-3]], 2)
+    assert out["overlap_slowdown"] == {"2": pytest.approx(0.05)}
+    kept = {k for k in base if k not in ("collectives", "overlap_slowdown", "source")}
+    assert {k: out[k] for k in kept} == {k: base[k] for k in kept}
+    assert "re-measured" in out["source"]
+
+
+def test_links_only_from_another_device_is_refused(tmp_path, capsys):
+    pytest.importorskip("torch")
+    import json
+
+    from meshplan.cli import main
+
+    base = tmp_path / "gpu.json"
+    base.write_text(json.dumps(profile_to_dict(synthetic()) | {"device": "cuda"}))
+    rc = main(["profile", "--device", "cpu", "--links-only", str(base), "--out",
+               str(tmp_path / "out.json")])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1
+    assert "links_only" in err and "'cuda'" in err and "'cpu'" in err

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from scipy.optimize import nnls
@@ -109,6 +110,26 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     mechanisms = [p["mech"] for p in passes if p["mech"] is not None]
     if mechanisms:
         prof = mechanism_overheads(prof, fastest_pass(mechanisms), say)
+    return {**profile_to_dict(prof), "peaks": peaks(prof)}
+
+
+def relink(base: dict[str, Any], opts: ProfileOptions, say=print) -> dict:
+    """`base` (a profile's JSON) with its collectives and its compute slowdown under
+    communication measured anew, `opts.sweeps` passes, the rest kept: the profile of the
+    same machine on links that changed since, e.g. throttled to test how the engines
+    price overlap on slow links."""
+    from meshplan.costmodels.calibrated import profile_from_dict
+
+    prof = profile_from_dict(base)
+    passes = []
+    for k in range(opts.sweeps):
+        say(f"collectives with {', '.join(map(str, opts.processes))} processes: pass "
+            f"{k + 1} of {opts.sweeps} ...")
+        passes.append({n: _commbench(n, opts, gemm=False) for n in opts.processes})
+    links = _shared_machine(opts, passes, cores=0)
+    prof = replace(prof, collectives=links["collectives"],
+                   overlap_slowdown=links["overlap_slowdown"],
+                   source=f"{prof.source}; collectives re-measured ({opts.sweeps} passes)")
     return {**profile_to_dict(prof), "peaks": peaks(prof)}
 
 

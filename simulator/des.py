@@ -7,8 +7,9 @@ runtime executes) on a compute stream, and each communication has a stream of it
   K/V passes under blockwise attention, EP dispatch and combine all-to-alls;
 - pipeline sends on a send stream, received when they arrive;
 - DP gradient buckets (DDP, 25 MiB) or FSDP units reduced as the last micro-batch's
-  backward frees them; FSDP all-gathers prefetched one unit ahead (ZeRO-3 every pass,
-  ZeRO-1/2 and ZeRO-3 under PP on the first forward);
+  backward frees them (on the compute stream where FSDP's reduce-scatter has no side
+  stream, `CostModel.reduce_scatter_overlaps`); FSDP all-gathers prefetched one unit
+  ahead (ZeRO-3 every pass, ZeRO-1/2 and ZeRO-3 under PP on the first forward);
 - the optimizer step once a rank's gradients are reduced, host offload copies after it.
 Every flow loads its rank's links (NVLink/NVSwitch port, NIC, PCIe; directional) and
 shares them max-min fairly with the other flows there (`fluid.py`); compute that overlaps

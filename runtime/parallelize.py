@@ -235,7 +235,7 @@ def prefetch_one_ahead(model: Transformer, asynchronous: bool) -> None:
     the GPU's streams; on a CPU device nothing runs ahead and its gathers are blocking
     calls, so there the gathers become asynchronous (gloo's threads carry them while
     the unit computes). Under a 1 Gbit/s loopback the suite's fsdp2 took 0.399 s a step
-    without this (0.394 s with dp_overlap=off) and 0.341-0.350 s with it."""
+    without this (0.394 s with dp_overlap=off) and 0.336-0.350 s with it."""
     blocks = [model.layers[k] for k in sorted(model.layers, key=int)]
     if not blocks:
         return

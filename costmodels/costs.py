@@ -97,6 +97,11 @@ class CostModel(Protocol):
         """One point-to-point send."""
         ...
 
+    def ring_hop_s(self, group: coll.Group, size_bytes: float) -> float:
+        """One hop of a ring over `group` (ring attention's K/V): every rank sends
+        `size_bytes` to the next and receives as much from the previous, all at once."""
+        ...
+
     def stage_send_s(self, crosses_node: bool, size_bytes: float) -> float:
         """One activation or gradient between pipeline stages, from the start of its send
         to the end of its receive, in a running pipeline: the sender goes on computing."""
@@ -161,6 +166,11 @@ class NominalCosts:
 
     def p2p_s(self, crosses_node: bool, size_bytes: float) -> float:
         return coll.p2p_time_s(self.cluster, crosses_node, size_bytes)
+
+    def ring_hop_s(self, group: coll.Group, size_bytes: float) -> float:
+        """Links carry both directions at full speed (NVLink, InfiniBand): a ring hop, every
+        rank sending and receiving at once, takes what one send takes."""
+        return self.p2p_s(group.nodes > 1, size_bytes)
 
     def stage_send_s(self, crosses_node: bool, size_bytes: float) -> float:
         """A copy engine or NIC moves it while the SMs compute: as alone."""

@@ -282,7 +282,7 @@ class PlanCosts:
         parts = LayerParts(fwd=fwd, bwd=bwd, gemm_f=gemm_f, attn_f=attn_f, attn_b=attn_b,
                            tp_f=tp, tp_b=tp, tp_overlap=self.plan.tp_overlap,
                            cp_ring=self._cp_ring(), cp_ring_b=self._cp_ring(backward=True),
-                           cp_home=self.costs.p2p_s(self.cp_group.nodes > 1, self.cp_home_bytes)
+                           cp_home=self.costs.ring_hop_s(self.cp_group, self.cp_home_bytes)
                            if self.cp_home_bytes else 0.0,
                            ep=self._ep_comm() if moe_layer else 0.0,
                            ep_counts=self._ep_counts() if moe_layer else 0.0, recompute=0.0,
@@ -327,8 +327,8 @@ class PlanCosts:
         """Ring attention's messages (`cp_ring_messages`) one after another, hidden
         behind blockwise attention (each rank computes its causal share; the flash
         kernels run per chunk pair)."""
-        crosses = self.cp_group.nodes > 1
-        return sum(self.costs.p2p_s(crosses, b) for b in self.cp_ring_messages(backward))
+        return sum(self.costs.ring_hop_s(self.cp_group, b)
+                   for b in self.cp_ring_messages(backward))
 
     def cp_ring_messages(self, backward: bool) -> list[float]:
         """Bytes of each message a rank sends around the ring under blockwise attention,

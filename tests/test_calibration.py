@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -17,6 +18,7 @@ from meshplan.costmodels.calibrated import (
     profile_from_dict,
     profile_to_dict,
 )
+from meshplan.costmodels.costs import NominalCosts
 from meshplan.loaders import load_cluster, load_model
 from meshplan.validate.compare import Row, summary
 from meshplan.validate.profile import fit_collectives, fit_line
@@ -55,6 +57,28 @@ def test_collectives_use_the_fit_for_the_group_size():
     assert costs.p2p_s(False, 1e6) == pytest.approx(1e-4 + 1e-9 * 1e6)
 
 
+def test_a_ring_hop_takes_the_measured_shift_or_else_a_send():
+    """Where the profile measured a ring shift (both directions at once), ring attention's
+    hops take it; without one, and on the nominal model's full-duplex links, a send."""
+    g = coll.Group(size=2, per_node=2)
+    plain = CalibratedCosts(load_cluster("cpu", gpus=2), synthetic(alpha=1e-4, beta=1e-9))
+    assert plain.ring_hop_s(g, 1e6) == pytest.approx(plain.p2p_s(False, 1e6))
+    prof = synthetic(alpha=1e-4, beta=1e-9)
+    shared = replace(prof, collectives={"2": {**prof.collectives["2"],
+                                              "ring_shift": [1e-4, 2e-9]}})
+    costs = CalibratedCosts(load_cluster("cpu", gpus=2), shared)
+    assert costs.ring_hop_s(g, 1e6) == pytest.approx(1e-4 + 2e-9 * 1e6)
+    work = TrainWorkload(seq_len=256, global_batch=8, dtype="fp32")
+    model, cluster, plan = load_model("tiny-dense"), load_cluster("cpu", gpus=2), \
+        Plan.parse("cp=2,mbs=4")
+    slow = simulate(model, cluster, work, plan, profile=shared)
+    fast = simulate(model, cluster, work, plan, profile=prof)
+    assert slow.time.exposed_comm > fast.time.exposed_comm
+    nominal = NominalCosts(load_cluster("h100-sxm", gpus=8))
+    assert nominal.ring_hop_s(coll.Group(size=4, per_node=4), 1e6) == \
+        pytest.approx(nominal.p2p_s(False, 1e6))
+
+
 def test_a_machine_twice_as_slow_doubles_the_predicted_compute():
     model, work = load_model("tiny-dense"), TrainWorkload(seq_len=256, global_batch=8,
                                                           dtype="fp32")
@@ -69,8 +93,9 @@ def test_a_machine_twice_as_slow_doubles_the_predicted_compute():
 def test_fits_recover_alpha_beta():
     alpha, beta = 2e-4, 3e-9
     sizes = [4**i for i in range(5, 12)]
-    rows = [[op, b, alpha + beta * (1 if op == "p2p" else coll.BUS_FACTOR[op](4)) * b]
-            for op in ("all_reduce", "all_gather", "p2p") for b in sizes]
+    rows = [[op, b, alpha + beta * (1 if op in ("p2p", "ring_shift")
+                                    else coll.BUS_FACTOR[op](4)) * b]
+            for op in ("all_reduce", "all_gather", "p2p", "ring_shift") for b in sizes]
     for a, b in fit_collectives(rows, 4).values():
         assert a == pytest.approx(alpha, rel=1e-6) and b == pytest.approx(beta, rel=1e-6)
     assert fit_line([1, 2, 3], [5, 7, 9]) == pytest.approx((3, 2))

@@ -69,6 +69,9 @@ class PassCosts:
     def p2p_s(self, crosses_node, size_bytes):
         return 0.0
 
+    def ring_hop_s(self, group, size_bytes):
+        return 0.0
+
     def stage_send_s(self, crosses_node, size_bytes):
         return self.send_s
 

@@ -5,9 +5,10 @@
 
 Times all-reduce, all-gather, reduce-scatter and all-to-all over sizes (the slowest rank's
 mean over a fixed number of repeats, the same on every rank), p2p as half a ping-pong
-between ranks 0 and 1, the GEMMs of `CONCURRENT_GEMMS` run by every rank at once, to
-measure how much compute slows when N processes share the machine, and how much compute
-slows while its own rank communicates. Rank 0 writes JSON.
+between ranks 0 and 1, a ring shift (every rank sending to the next at once), the GEMMs
+of `CONCURRENT_GEMMS` run by every rank at once, to measure how much compute slows when
+N processes share the machine, and how much compute slows while its own rank
+communicates. Rank 0 writes JSON.
 """
 
 from __future__ import annotations
@@ -66,7 +67,19 @@ def collective_rows(sizes: list[int], device: torch.device) -> list[list]:
         for op, fn in ops.items():
             rows.append([op, 4 * count, _timed(fn, _reps(4 * count), device)])
         rows.append(["p2p", 4 * count, _ping_pong(full, _reps(4 * count), device)])
+        rows.append(["ring_shift", 4 * count,
+                     _timed(lambda full=full, out=out: _ring_shift(full, out),
+                            _reps(4 * count), device)])
     return rows
+
+
+def _ring_shift(buf: torch.Tensor, out: torch.Tensor) -> None:
+    """Every rank sends `buf` to the next rank and receives the previous rank's into
+    `out`, all at once: one hop of ring attention."""
+    n, me = dist.get_world_size(), dist.get_rank()
+    for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, (me + 1) % n),
+                                        dist.P2POp(dist.irecv, out, (me - 1) % n)]):
+        work.wait()
 
 
 def _ping_pong(buf: torch.Tensor, reps: int, device: torch.device) -> float:

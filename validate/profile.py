@@ -70,7 +70,7 @@ def fit_collectives(rows: list[list], n: int) -> dict[str, list[float]]:
     out = {}
     for op in sorted({r[0] for r in rows}):
         pts = [(r[1], r[2]) for r in rows if r[0] == op]
-        factor = 1.0 if op == "p2p" else coll.BUS_FACTOR[op](n)
+        factor = 1.0 if op in ("p2p", "ring_shift") else coll.BUS_FACTOR[op](n)
         alpha, beta = fit_line([factor * b for b, _ in pts], [t for _, t in pts])
         out[op] = [alpha, beta]
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections import defaultdict
 
 import torch
@@ -240,7 +241,7 @@ def prefetch_one_ahead(model: Transformer, asynchronous: bool) -> None:
     if not blocks:
         return
     model.set_modules_to_forward_prefetch([blocks[0]])
-    for prev, block in zip(blocks, blocks[1:], strict=False):
+    for prev, block in itertools.pairwise(blocks):
         prev.set_modules_to_forward_prefetch([block])
         block.set_modules_to_backward_prefetch([prev])
     if asynchronous:

@@ -545,9 +545,8 @@ class _Engine:
                 return
             rank.grads_blocked += 1
             if blocks:
-                t0 = self.env.now
-                yield from self._collective(rank, ("grad", rank.pp, i), flows)
-                rank.spent["exposed_comm"] += self.env.now - t0
+                reduce = self.env.process(self._collective(rank, ("grad", rank.pp, i), flows))
+                yield from self._wait(rank, reduce, "exposed_comm")
 
     def _use_gather(self, rank: _Rank):
         if self.cm.plan.dp_overlap:

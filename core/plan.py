@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +27,7 @@ Kernels = Literal["fused", "eager"]
 
 PLAN_VERSION = 1
 _INT_KEYS = ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "mbs", "zero")
+_FLOAT_KEYS = ("bucket_mb",)
 _ON_OFF = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
 _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("gpipe", "1f1b", "interleaved", "zb", "dualpipe"),
@@ -53,6 +55,7 @@ class Plan:
     sp: bool = False  # Megatron sequence parallelism inside the TP group
     tp_overlap: bool = False  # TP collectives overlapped with GEMMs (Megatron/async TP)
     dp_overlap: bool = True  # DP/FSDP collectives overlapped with backward/forward
+    bucket_mb: float = 25.0  # MiB per gradient all-reduce bucket without ZeRO (DDP's bucket_cap_mb)
     offload: Offload = "none"
     attn: Attention = "flash"
     kernels: Kernels = "fused"  # fused elementwise kernels (Megatron/TE, torch.compile) or eager
@@ -92,6 +95,9 @@ class Plan:
         for key in _BOOL_KEYS:
             if getattr(self, key) != getattr(Plan, key):
                 parts.append(f"{key}={'on' if getattr(self, key) else 'off'}")
+        for key in _FLOAT_KEYS:
+            if getattr(self, key) != getattr(Plan, key):
+                parts.append(f"{key}={getattr(self, key):g}")
         if self.stage_layers:
             parts.append("stage_layers=" + ":".join(str(n) for n in self.stage_layers))
         return ",".join(parts)
@@ -125,7 +131,7 @@ class Plan:
             data["expert_placement"] = _placement(data["expert_placement"])
         if data.get("expert_load") is not None:
             data["expert_load"] = _rows(data["expert_load"], "plan.expert_load", float)
-        for key in _INT_KEYS:
+        for key in _INT_KEYS + _FLOAT_KEYS:
             if key in data:
                 data[key] = parse_value(key, str(data[key]))
         return cls(**data)
@@ -184,6 +190,13 @@ def parse_value(key: str, value: str) -> Any:
         if key == "zero":
             require(n <= 3, "plan.zero", f"ZeRO stage must be 0..3, got {n}")
         return n
+    if key in _FLOAT_KEYS:
+        try:
+            x = float(value)
+        except ValueError:
+            raise SpecError(f"plan.{key}", f"expected a number, got {value!r}") from None
+        require(math.isfinite(x) and x > 0, f"plan.{key}", f"must be > 0, got {value}")
+        return x
     if key in _CHOICES:
         require(value in _CHOICES[key], f"plan.{key}",
                 f"{value!r} is not one of {list(_CHOICES[key])}")
@@ -193,7 +206,7 @@ def parse_value(key: str, value: str) -> Any:
         return _ON_OFF[value.lower()]
     if key == "stage_layers":
         return tuple(int(x) for x in value.split(":"))
-    known = list(_INT_KEYS) + list(_CHOICES) + list(_BOOL_KEYS) + ["stage_layers"]
+    known = [*_INT_KEYS, *_FLOAT_KEYS, *_CHOICES, *_BOOL_KEYS, "stage_layers"]
     raise SpecError("plan", f"unknown key {key!r}; known keys: {', '.join(known)}")
 
 

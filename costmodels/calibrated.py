@@ -236,6 +236,20 @@ class CalibratedCosts:
     def reduce_scatter_overlaps(self) -> bool:
         return self.profile.device != "cpu"
 
+    def shared_fabric_bytes_per_s(self) -> float | None:
+        """The most the node was measured to carry with every rank sending at once: the
+        ring shifts' aggregate (ranks x bytes per second each) and one send's rate, the
+        largest of them. Measured where the profile has ring shifts, else None. On a CPU
+        host the aggregate stays put as ranks are added, so messages in flight together
+        share it: under a 1 Gbit/s `tc` throttle on the loopback one send moved 132 MB/s
+        and ring shifts of 2 and 4 ranks 141 and 132 MB/s in all. On full-duplex
+        per-device links the aggregate grows with the ranks and never binds before a
+        device's own link does."""
+        rates = [size / fit[1] for size, fit in self._fits("ring_shift") if fit[1] > 0]
+        if not rates:
+            return None
+        return max(rates + [1.0 / fit[1] for _, fit in self._fits("p2p") if fit[1] > 0])
+
     def overlap_slowdown(self) -> float:
         """Measured with this job's process count (`commbench.overlap_slowdown`: a GEMM
         loop with all-reduces in flight); the published average where not measured. A
@@ -293,6 +307,9 @@ class CalibratedCosts:
     def late_receive_s(self) -> float:
         return self.profile.pp_late_receive_s * self._crowding(2)
 
+    def sends_on_receive(self) -> bool:
+        return self.profile.device == "cpu"  # the runtime's gloo; NCCL on a GPU
+
     def _crowding(self, group_size: int) -> float:
         """A collective of `group_size` ranks was measured with that many processes; in a
         job of more processes sharing the machine its ranks get the cores as often as the
@@ -300,13 +317,16 @@ class CalibratedCosts:
         measured = _nearest(self.profile.concurrency, group_size, default=1.0)
         return max(1.0, self.slowdown / measured)
 
+    def _fits(self, op: str) -> list[tuple[int, tuple[float, float]]]:
+        """(group size, (alpha, beta)) of every measured group size of `op`."""
+        return [(int(k), tuple(v[op])) for k, v in self.profile.collectives.items() if op in v]
+
     def _comm(self, op: str, n: int) -> tuple[float, float] | None:
-        sizes = {int(k): v for k, v in self.profile.collectives.items() if op in v}
+        sizes = dict(self._fits(op))
         if not sizes:
             return None
         best = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(n)), -s))
-        alpha, beta = sizes[best][op]
-        return alpha, beta
+        return sizes[best]
 
 
 def _loglog(rows: list[list[float]], x: float, col: int) -> float:

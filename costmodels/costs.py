@@ -84,6 +84,13 @@ class CostModel(Protocol):
         CPU device, which has no streams, it blocks the backward."""
         ...
 
+    def shared_fabric_bytes_per_s(self) -> float | None:
+        """Bytes per second that all intra-node traffic of a node shares, both directions
+        together, where its devices talk over one shared medium (a CPU host's loopback:
+        every process's messages are copied by the same few cores); None where each
+        device has full-duplex links of its own (NVLink/NVSwitch ports, NICs)."""
+        ...
+
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         """One named memory-bound op of a layer (`costmodels.flops` names and bytes: a norm,
         RoPE, a residual add, ...; `_bwd` names their backward), fused or `eager`."""
@@ -111,6 +118,14 @@ class CostModel(Protocol):
         """Seconds a pipeline receive takes when its message was sent before the receive
         was posted and the sender has gone on computing: what the transport needs of the
         sender to hand the message over once the receiver asks."""
+        ...
+
+    def sends_on_receive(self) -> bool:
+        """Whether a message moves only once its receive is posted (a rendezvous), so that
+        a receive posted after its send waits `late_receive_s` and then the whole
+        transfer. gloo's TCP transport queues a send until the receiver's "recv ready"
+        notice comes (`gloo/transport/tcp/pair.cc`, `Pair::send` and
+        `NOTIFY_RECV_READY`)."""
         ...
 
 
@@ -158,6 +173,9 @@ class NominalCosts:
     def reduce_scatter_overlaps(self) -> bool:
         return True  # NCCL on FSDP2's reduce-scatter stream
 
+    def shared_fabric_bytes_per_s(self) -> float | None:
+        return None  # the catalog's fabrics are per-device ports
+
     def mem_op_s(self, dtype: str, name: str, nbytes: float, eager: bool) -> float:
         return memory_time_s(self.device, nbytes * (eager_factor(name) if eager else 1.0))
 
@@ -179,3 +197,8 @@ class NominalCosts:
     def late_receive_s(self) -> float:
         """NCCL's send kernel is already waiting on the GPU when the receiver comes: none."""
         return 0.0
+
+    def sends_on_receive(self) -> bool:
+        """NCCL's sender writes into the receiver's staging buffer (NCCL_BUFFSIZE, 4 MiB by
+        default) without waiting for the receive."""
+        return False

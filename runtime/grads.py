@@ -6,11 +6,12 @@ all-reduced over dp·cp; experts held by EP ranks are all-reduced over the exper
 parallel group (the ranks holding the same experts) and divided by dp·cp as well, since
 each expert saw the tokens of all dp·cp ranks.
 
-Gradients go in buckets (DDP's 25 MiB), in reverse parameter order, the order backward
-produces them. With `dp_overlap` a bucket's all-reduce starts asynchronously as soon as
-its last gradient is final (the last micro-batch's backward of its chunk), overlapping the
-rest of backward, as DDP does (Li et al. 2020 §3.2.3). Buckets are launched strictly in
-index order, so every rank issues the same collectives in the same order.
+Gradients go in buckets (`plan.bucket_mb`, DDP's 25 MiB by default), in reverse parameter
+order, the order backward produces them. With `dp_overlap` a bucket's all-reduce starts
+asynchronously as soon as its last gradient is final (the last micro-batch's backward of
+its chunk), overlapping the rest of backward, as DDP does (Li et al. 2020 §3.2.3).
+Buckets are launched strictly in index order, so every rank issues the same collectives
+in the same order.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-
-BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -42,10 +41,11 @@ class Bucket:
 class GradReducer:
     def __init__(self, chunks: dict[int, nn.Module],
                  jobs: list[tuple[list[nn.Parameter], dist.ProcessGroup]],
-                 divisor: int, overlap: bool, keep_gathered: bool = False):
+                 divisor: int, overlap: bool, bucket_bytes: int, keep_gathered: bool = False):
         self.divisor, self.overlap = divisor, overlap
         self.keep_gathered = keep_gathered  # ZeRO-1/2: FSDP parameters stay whole all step
-        self.buckets = [b for params, group in jobs for b in _bucketize(params, group)]
+        self.buckets = [b for params, group in jobs
+                        for b in _bucketize(params, group, bucket_bytes)]
         self.chunk_of = {id(p): s for s, c in chunks.items() for p in c.parameters()}
         self.armed: set[int] = set()  # stages in their last micro-batch's backward
         self.next = 0
@@ -112,12 +112,12 @@ class GradReducer:
             b.flat, b.work = None, None
 
 
-def _bucketize(params: list[nn.Parameter], group) -> list[Bucket]:
+def _bucketize(params: list[nn.Parameter], group, bucket_bytes: int) -> list[Bucket]:
     out: list[Bucket] = []
-    size = BUCKET_BYTES
+    size = bucket_bytes
     for p in reversed(params):
         nbytes = local(p).numel() * p.element_size()
-        if size + nbytes > BUCKET_BYTES or p.dtype != out[-1].params[0].dtype:
+        if size + nbytes > bucket_bytes or p.dtype != out[-1].params[0].dtype:
             out.append(Bucket(params=[], group=group))
             size = 0
         out[-1].params.append(p)

@@ -57,8 +57,6 @@ from meshplan.costmodels.offload import (
     transfer_s,
 )
 
-DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's bucket_cap_mb default, also meshplan's runtime
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Phase:
@@ -774,8 +772,8 @@ class PlanCosts:
         """How a rank's data-parallel traffic is cut, per group (dense parameters over DP×CP,
         experts over the expert-data-parallel group). Collectives go one unit at a time,
         each paying its latency: ZeRO shards per layer (FSDP2 wraps each block and the
-        root: layers + 1 units; Zhao et al. 2023 §3), ZeRO-0 reduces DDP buckets (Li et al.
-        2020 §3.2.3)."""
+        root: layers + 1 units; Zhao et al. 2023 §3), ZeRO-0 reduces DDP buckets of
+        `plan.bucket_mb` (Li et al. 2020 §3.2.3)."""
         p = self.plan
         dense, expert = self.rank_params(rank)
         nlayers = max(1, self.rank_layers(rank))
@@ -785,7 +783,7 @@ class PlanCosts:
             grad_bytes = elem * params
             if group.size <= 1 or params == 0:
                 continue
-            units = (max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)) if p.zero == 0
+            units = (max(1, math.ceil(grad_bytes / (p.bucket_mb * 2**20))) if p.zero == 0
                      else nlayers + 1)
             out.append(DpUnits(group=group, zero=p.zero >= 1, units=units,
                                unit_bytes=grad_bytes / units, layers=nlayers))
@@ -948,8 +946,13 @@ def _message_cycle_s(cm: PlanCosts, worst: int) -> float:
 
 def _late_receives_s(cm: PlanCosts, worst: int) -> float:
     """Seconds the slowest rank's receives wait for senders that have gone on computing
-    (`schedule.late_receives`; none where the cost model prices no such wait)."""
-    late = cm.costs.late_receive_s() if cm.plan.pp > 1 else 0.0
+    (`schedule.late_receives`): the transport's hand-over and, where a message moves
+    only once its receive is posted (`CostModel.sends_on_receive`), its transfer."""
+    if cm.plan.pp == 1:
+        return 0.0
+    late = cm.costs.late_receive_s()
+    if cm.costs.sends_on_receive():
+        late += cm.costs.p2p_s(cm.pp_crosses_node, cm.stage_send_bytes)
     if late <= 0:
         return 0.0
     sched = build_schedule(cm.plan.schedule, cm.plan.pp, cm.m, cm.plan.vpp)

@@ -95,6 +95,7 @@ class _Flow:
     stream: str
     alone_s: float
     demands: tuple[tuple[str, str, float], ...]  # (tier, direction, bytes/s at full speed)
+    intra_rate: float = 0.0  # bytes/s the rank sends within its node at full speed
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -153,14 +154,19 @@ class _Pricer:
                 rate = min(self.cap[tier], vol / t)
                 loads += [(tier, "out", rate), (tier, "in", rate)]
         return (_Flow(name=f"{label or op} {stream}({n})", stream=stream, alone_s=t,
-                      demands=tuple(loads)),)
+                      demands=tuple(loads), intra_rate=intra / t),)
 
-    def send(self, nbytes: float, crosses: bool) -> _Flow:
+    def send(self, nbytes: float, crosses: bool, late: bool = False) -> _Flow:
+        """A pipeline message from its send to its receive's end; `late`: its transfer
+        alone, once a receive posted after the send asks for it (the rest of such a
+        receive's wait is `late_receive_s`)."""
         tier = "nic" if crosses else "nvlink"
-        t = self.cm.costs.stage_send_s(crosses, nbytes)
+        costs = self.cm.costs
+        t = costs.p2p_s(crosses, nbytes) if late else costs.stage_send_s(crosses, nbytes)
         rate = min(self.cap[tier], nbytes / t) if t > 0 else 0.0
         return _Flow(name="send", stream="pp", alone_s=t,
-                     demands=((tier, "out", rate), (tier, "in", rate)))
+                     demands=((tier, "out", rate), (tier, "in", rate)),
+                     intra_rate=0.0 if crosses or t <= 0 else nbytes / t)
 
 
 # ---- the program of one stage --------------------------------------------------------
@@ -378,6 +384,11 @@ class _Engine:
         capacity: dict[Link, float] = {
             (t, r.index, d): bw * scale.get(t, 1.0) for r in self.ranks
             for t, bw in self.hw[r.cls].pr.cap.items() for d in ("out", "in")}
+        fabric = cm.costs.shared_fabric_bytes_per_s()
+        self.fabric = fabric * scale.get("nvlink", 1.0) if fabric else 0.0
+        self.on_fabric = self._fabric_shares() if fabric else {}
+        capacity |= {("fabric", node, "both"): self.fabric
+                     for node, _ in self.on_fabric.values()}
         slowdown = opts.interference
         if slowdown is None:
             slowdown = cm.costs.overlap_slowdown()
@@ -388,7 +399,10 @@ class _Engine:
                            weight=self._processes() if shared else None)
         self.fluid.on_end = self._record
         self.spans: list[Span] = []
+        # pipeline messages by (class, "F" | "B", receiving stage, micro-batch)
         self.arrivals: dict[tuple, simpy.Event] = {}
+        self.posted: dict[tuple, tuple[_Rank, _Rank]] = {}  # sends posted: (sender, receiver)
+        self.asked: set[tuple] = set()  # receives posted before their send
         self.barriers: dict[tuple, list[simpy.Event]] = {}
 
     def _classes(self) -> list[tuple[ClusterSpec | None, list[float]]]:
@@ -421,6 +435,19 @@ class _Engine:
         counts = [plan.dp - (len(self.classes) - 1)] + [1] * (len(self.classes) - 1)
         return {r.index: counts[r.cls] * plan.tp * plan.cp for r in self.ranks}
 
+    def _fabric_shares(self) -> dict[int, tuple[int, float]]:
+        """Simulated rank on the plan's cluster -> (the node its stage starts on, the
+        processes it stands for on that node), for a shared fabric per node. Ranks are
+        laid out pp-major (`runtime.mesh`), so a stage of S processes starts on node
+        stage·S // per_node and, if S is larger than a node, spreads evenly over S / per_node
+        nodes, each with a fabric of its own."""
+        plan, per_node = self.cm.plan, self.cm.cluster.node.gpus_per_node
+        stage_size = plan.dp * plan.tp * plan.cp
+        procs = self._processes()
+        return {r.index: (r.pp * stage_size // per_node,
+                          procs[r.index] * min(1.0, per_node / stage_size))
+                for r in self.ranks if self.hw[r.cls].cm is self.cm}
+
     def _compute(self, rank: _Rank, seconds: float) -> simpy.Event:
         """Run `seconds` of priced compute on a rank (its straggler factor applied; under
         shared cores the crowding priced into it divided out, the fluid shares instead)."""
@@ -449,6 +476,9 @@ class _Engine:
         for f in flows:
             demands = {(tier, (rank if d == "out" else dst).index, d): rate
                        for tier, d, rate in f.demands}
+            if f.intra_rate and rank.index in self.on_fabric:
+                node, procs = self.on_fabric[rank.index]
+                demands[("fabric", node, "both")] = min(self.fabric, procs * f.intra_rate)
             job = Job(work_s=f.alone_s, rank=rank.index, demands=demands,
                       ranks=tuple(sorted({rank.index, dst.index})), name=f.name,
                       stream=f.stream)
@@ -568,7 +598,6 @@ class _Engine:
         last_mb = {a.stage: a.microbatch for a in self.sched.actions[rank.pp]
                    if a.kind == grads_at}
         has_gathers = bool(hw.gather_units[rank.pp])
-        late_s = cm.costs.late_receive_s()  # a receive that finds its message sent waits
         seen: set[int] = set()
 
         def compute_pass(a: Action, lock: simpy.Resource | None = None):
@@ -597,12 +626,7 @@ class _Engine:
             elif k in ("SF", "SB"):
                 self._send(rank, a)
             elif k in ("RF", "RB"):
-                key = ("F" if k == "RF" else "B", a.stage, a.microbatch)
-                arrival = self._arrival(rank.cls, key)
-                sent_before = arrival.triggered
-                yield from self._wait(rank, arrival, "bubble")
-                if sent_before and late_s > 0:
-                    yield from self._wait(rank, self.env.timeout(late_s), "exposed_comm")
+                yield from self._receive(rank, a)
             elif k == "RG":
                 yield from self._reduce_grads(rank)
             elif k == "OPT":
@@ -617,23 +641,53 @@ class _Engine:
         yield self.env.all_of([self.env.process(first), self.env.process(second)])
         rank.spent["exposed_comm"] += (self.env.now - t0) - (sum(rank.spent.values()) - before)
 
-    def _arrival(self, cls: int, key: tuple) -> simpy.Event:
-        full = (cls, *key)
-        if full not in self.arrivals:
-            self.arrivals[full] = self.env.event()
-        return self.arrivals[full]
+    def _arrival(self, key: tuple) -> simpy.Event:
+        if key not in self.arrivals:
+            self.arrivals[key] = self.env.event()
+        return self.arrivals[key]
 
     def _send(self, rank: _Rank, a: Action) -> None:
-        """Start a pipeline send (it never blocks the compute stream, as with isend)."""
-        hw = self.hw[rank.cls]
-        cm = hw.cm
+        """Post a pipeline send (it never blocks the compute stream, as with isend). The
+        message moves now unless the transport waits for its receive
+        (`CostModel.sends_on_receive`) and that is not posted yet."""
+        cm = self.hw[rank.cls].cm
         to_stage = a.stage + 1 if a.kind == "SF" else a.stage - 1
         peer = self.ranks[rank.cls * cm.plan.pp + self.sched.rank_of(to_stage)]
-        done = self._run_flows(rank, (hw.pr.send(cm.stage_send_bytes, cm.pp_crosses_node),),
+        key = (rank.cls, "F" if a.kind == "SF" else "B", to_stage, a.microbatch)
+        self.posted[key] = (rank, peer)
+        if not cm.costs.sends_on_receive() or key in self.asked:
+            self._move(key, late=False)
+
+    def _move(self, key: tuple, late: bool) -> None:
+        """Run a posted message's transfer; its arrival fires at the end."""
+        rank, peer = self.posted[key]
+        cm, pr = self.hw[rank.cls].cm, self.hw[rank.cls].pr
+        done = self._run_flows(rank, (pr.send(cm.stage_send_bytes, cm.pp_crosses_node, late),),
                                peer)
-        arrival = self._arrival(rank.cls, ("F" if a.kind == "SF" else "B", to_stage,
-                                           a.microbatch))
+        arrival = self._arrival(key)
         done.callbacks.append(lambda _e: arrival.succeed())
+
+    def _receive(self, rank: _Rank, a: Action):
+        """Wait for a pipeline message: waiting for one not yet sent is bubble. One sent
+        before its receive is posted costs the transport's hand-over (`late_receive_s`)
+        and, where the transport moves it only now, its whole transfer: both exposed
+        communication."""
+        costs = self.hw[rank.cls].cm.costs
+        key = (rank.cls, "F" if a.kind == "RF" else "B", a.stage, a.microbatch)
+        arrival, late = self._arrival(key), costs.late_receive_s()
+        if key not in self.posted:
+            self.asked.add(key)
+            yield from self._wait(rank, arrival, "bubble")
+        elif costs.sends_on_receive():
+            if late > 0:
+                yield from self._wait(rank, self.env.timeout(late), "exposed_comm")
+            self._move(key, late=True)
+            yield from self._wait(rank, arrival, "exposed_comm")
+        else:
+            arrived = arrival.triggered
+            yield from self._wait(rank, arrival, "bubble")
+            if arrived and late > 0:
+                yield from self._wait(rank, self.env.timeout(late), "exposed_comm")
 
     def _reduce_grads(self, rank: _Rank):
         hw = self.hw[rank.cls]

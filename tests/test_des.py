@@ -30,8 +30,10 @@ class PassCosts:
 
     name = "test"
 
-    def __init__(self, vocab: int, send_s: float = 0.0, late_s: float = 0.0):
+    def __init__(self, vocab: int, send_s: float = 0.0, late_s: float = 0.0,
+                 rendezvous: bool = False):
         self.vocab, self.send_s, self.late_s = vocab, send_s, late_s
+        self.rendezvous = rendezvous
 
     def gemm_s(self, dtype, m, n, k, batch=1):
         return 0.0 if self.vocab in (m, n, k) else GEMM_S
@@ -60,6 +62,9 @@ class PassCosts:
     def reduce_scatter_overlaps(self):
         return True
 
+    def shared_fabric_bytes_per_s(self):
+        return None
+
     def mem_op_s(self, dtype, name, nbytes, eager):
         return 0.0
 
@@ -67,7 +72,7 @@ class PassCosts:
         return 0.0
 
     def p2p_s(self, crosses_node, size_bytes):
-        return 0.0
+        return self.send_s
 
     def ring_hop_s(self, group, size_bytes):
         return 0.0
@@ -77,6 +82,9 @@ class PassCosts:
 
     def late_receive_s(self):
         return self.late_s
+
+    def sends_on_receive(self):
+        return self.rendezvous
 
 
 @pytest.mark.parametrize("schedule,split", [("1f1b", "2:3"), ("gpipe", "2:3"),
@@ -101,6 +109,30 @@ def test_a_receive_posted_after_its_send_waits_for_the_busy_sender(schedule, spl
     (ana0, des0), (ana, des) = steps(0.0), steps(late)
     assert des - des0 >= (m - 1) * late * 0.99
     assert ana - ana0 >= (m - 1) * late * 0.99
+    assert ana == pytest.approx(des, rel=0.05)
+
+
+def test_a_late_receive_waits_for_the_whole_transfer_where_sends_wait_for_it():
+    """Where a message moves only once its receive is posted (gloo), the heavier last
+    rank's receives each wait the hand-over L and then the transfer X: both engines grow
+    by (m - 1)(L + X) or more over sends that cost nothing, and agree."""
+    late, send, m = 2e-3, 1e-3, 8
+    model = dataclasses.replace(load_model("tiny-dense"), n_layers=5)
+    cluster, work = load_cluster("h100-sxm", 2), TrainWorkload(seq_len=128, global_batch=m)
+    plan = Plan.parse("pp=2,mbs=1,stage_layers=2:3")
+
+    def steps(costs: PassCosts) -> tuple[float, float]:
+        return (simulate_analytical(model, cluster, work, plan, CostCache(costs=costs)
+                                    ).step_time_s,
+                simulate_des(model, cluster, work, plan, CostCache(costs=costs)
+                             ).result.step_time_s)
+
+    ana0, des0 = steps(PassCosts(model.vocab_size))
+    eager = steps(PassCosts(model.vocab_size, send, late))
+    ana, des = steps(PassCosts(model.vocab_size, send, late, rendezvous=True))
+    assert des - des0 >= (m - 1) * (late + send) * 0.99
+    assert ana - ana0 >= (m - 1) * (late + send) * 0.99
+    assert des - eager[1] >= (m - 1) * send * 0.99  # the eager message was there already
     assert ana == pytest.approx(des, rel=0.05)
 
 
@@ -340,6 +372,28 @@ def test_one_ddp_bucket_waits_for_the_embeddings_gradient():
     assert a.time.exposed_comm == pytest.approx(reduce, rel=1e-6)
 
 
+def test_smaller_ddp_buckets_start_reducing_earlier_but_end_with_the_embedding():
+    """tiny-dense's fp32 gradients (3.4 MB) in 1 MiB buckets: four all-reduces, the
+    first launched once two of the four layers' backward is done, the last after the
+    embedding's gradient. On a 0.1 GB/s link they take longer than the backward, so the
+    event engine's step ends no earlier than the first bucket's start plus all four,
+    which the analytical engine's one overlap window does not see."""
+    m, c = load_model("tiny-dense"), load_cluster("cpu", 2)
+    w = TrainWorkload(seq_len=256, global_batch=16, dtype="fp32")
+    c = dataclasses.replace(c, node=dataclasses.replace(c.node, intra_bw_bytes_per_s=0.2e9))
+    p = Plan.parse("dp=2,mbs=4,bucket_mb=1")
+    from meshplan.simulator.analytical import prepare
+    cm = prepare(m, c, w, p, None)
+    (unit,) = cm.dp_units(0)
+    assert unit.units == 4
+    run = simulate_des(m, c, w, p)
+    grads = sorted((s for s in run.spans if s.stream == "dp"), key=lambda s: s.start_s)
+    assert len(grads) == 4
+    reduce = cm.costs.collective_s(unit.group, "all_reduce", unit.unit_bytes)
+    assert run.result.step_time_s >= grads[0].start_s + 4 * reduce * (1 - 1e-9)
+    assert simulate_analytical(m, c, w, p).step_time_s < run.result.step_time_s
+
+
 def test_links_are_shared_max_min_fairly():
     a = Job(work_s=1.0, rank=0, demands={("nic", 0, "out"): 10.0})
     b = Job(work_s=1.0, rank=0, demands={("nic", 0, "out"): 10.0, ("nic", 1, "in"): 10.0})
@@ -482,3 +536,59 @@ def test_mixed_gpu_types_under_fsdp_gather_at_the_slowest_pace():
                              options=DesOptions(replica_clusters=((1, a100),))).result
         slow = simulate_des(m, a100, w, plan).result
         assert mixed.step_time_s == pytest.approx(slow.step_time_s, rel=1e-3)
+
+
+class _SharedFabric(PassCosts):
+    """Pass costs on a node whose devices share one medium of `fabric` bytes/s, with
+    gloo's sends that wait for their receive."""
+
+    def __init__(self, vocab, send_s, fabric):
+        super().__init__(vocab, send_s, rendezvous=True)
+        self.fabric = fabric
+
+    def shared_fabric_bytes_per_s(self):
+        return self.fabric
+
+
+def test_flows_on_a_shared_fabric_slow_each_other_and_never_a_lone_one():
+    """Sends of 3 ms. In 1F1B's steady state activations go out while gradients come
+    back, so a fabric narrower than two sends at once slows the step, and a narrower one
+    never speeds it up; one wider than all traffic together changes nothing. GPipe at
+    pp=2 sends one way at a time: a fabric as wide as one send changes nothing."""
+    send, m = 3e-3, 8
+    model = dataclasses.replace(load_model("tiny-dense"), n_layers=8)
+    cluster, work = load_cluster("h100-sxm", 4), TrainWorkload(seq_len=128, global_batch=m)
+    rate = 128 * model.hidden_size * 2 / send  # one micro-batch's activation, bf16
+
+    def run(text, fabric):
+        cache = CostCache(costs=_SharedFabric(model.vocab_size, send, fabric))
+        return simulate_des(model, cluster, work, Plan.parse(text), cache)
+
+    free = run("pp=4,mbs=1", None).result.step_time_s
+    assert run("pp=4,mbs=1", 1e18).result.step_time_s == pytest.approx(free, rel=1e-12)
+    steps = [run("pp=4,mbs=1", k * rate).result.step_time_s for k in (4, 1.5, 0.5)]
+    assert free <= steps[0] * (1 + 1e-9) and steps == sorted(steps)
+    assert steps[-1] > free * 1.05
+    narrow = run("pp=4,mbs=1", 0.5 * rate)
+    assert all(u <= 1 + 1e-9 for k, u in narrow.link_utilisation.items()
+               if k.startswith("fabric"))
+    gpipe = "pp=2,mbs=1,schedule=gpipe"
+    assert run(gpipe, rate).result.step_time_s == pytest.approx(
+        run(gpipe, None).result.step_time_s, rel=1e-12)
+
+
+def test_a_calibrated_fabric_is_the_most_the_node_carried_at_once():
+    """Under a 1 Gbit/s tc-throttled loopback: one send 132 MB/s, ring shifts of 2 and
+    4 ranks 70 and 33 MB/s each (141 and 132 MB/s in all)."""
+    from meshplan.costmodels.calibrated import CalibratedCosts, HardwareProfile
+
+    fits = {"2": {"p2p": [3e-5, 1 / 132e6], "ring_shift": [2e-4, 1 / 70.3e6]},
+            "4": {"ring_shift": [3e-4, 1 / 33e6]}}
+    prof = HardwareProfile(device="cpu", gemm={}, attention={}, memory_bw_bytes_per_s=1e10,
+                           kernel_overhead_s=0.0, collectives=fits, concurrency={})
+    cluster = load_cluster("cpu", gpus=4)
+    costs = CalibratedCosts(cluster, prof)
+    assert costs.shared_fabric_bytes_per_s() == pytest.approx(140.6e6)
+    assert costs.sends_on_receive()
+    unshifted = dataclasses.replace(prof, collectives={"2": {"p2p": fits["2"]["p2p"]}})
+    assert CalibratedCosts(cluster, unshifted).shared_fabric_bytes_per_s() is None

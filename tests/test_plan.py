@@ -16,14 +16,16 @@ def test_vpp_implies_interleaved():
 
 def test_json_round_trip():
     p = mp.Plan.parse("tp=4,pp=4,vpp=2,cp=2,sp=on,zero=3,recompute=full,mbs=2,"
-                      "stage_layers=3:3:3:3:3:3:3:4").resolve(256)
+                      "bucket_mb=0.5,stage_layers=3:3:3:3:3:3:3:4").resolve(256)
     assert mp.Plan.from_json(p.to_json()) == p
     assert mp.Plan.parse(p.to_text()) == p
 
 
 @pytest.mark.parametrize("text,field", [("tp=0", "plan.tp"), ("zero=4", "plan.zero"),
                                         ("tpp=2", "plan"), ("recompute=half", "plan.recompute"),
-                                        ("tp", "plan"), ("sp=maybe", "plan.sp")])
+                                        ("tp", "plan"), ("sp=maybe", "plan.sp"),
+                                        ("bucket_mb=0", "plan.bucket_mb"),
+                                        ("bucket_mb=big", "plan.bucket_mb")])
 def test_parse_errors_name_the_field(text, field):
     with pytest.raises(mp.SpecError) as err:
         mp.Plan.parse(text)

@@ -7,6 +7,7 @@ start-up of a launch per plan. Gradient buckets are made small so that the overl
 reduction runs many buckets, launched while backward is still running.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -17,14 +18,12 @@ from meshplan.core.plan import Plan
 from meshplan.core.planfile import PlanFile
 from meshplan.core.workload import TrainWorkload
 from meshplan.loaders import load_cluster, load_model
-from meshplan.runtime import grads
 from meshplan.runtime.train import RunOptions, run
 
 
 def main() -> None:
     out, model, seq, batch, steps, optimizer, lr, *plans = sys.argv[1:]
     torch.set_num_threads(1)
-    grads.BUCKET_BYTES = 16 * 1024
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     spec = load_model(model)
@@ -34,6 +33,7 @@ def main() -> None:
     results = {}
     for text in plans:
         plan = Plan.from_json(text) if text.startswith("{") else Plan.parse(text)
+        plan = dataclasses.replace(plan, bucket_mb=16 / 1024)  # 16 KiB: many buckets
         pf = PlanFile(model=spec, cluster=cluster, work=work, plan=plan)
         opts = RunOptions(steps=int(steps), warmup_steps=0, lr=float(lr), measure_memory=False)
         record = run(pf, opts)

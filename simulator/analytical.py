@@ -801,8 +801,11 @@ class PlanCosts:
             units = u.units
 
             def hide(comm: float, compute: float, units: int = units) -> float:
-                """At least one unit waits; the rest runs beside `compute`."""
-                return max(comm / units, exposed_beside(compute, comm, sd))
+                """Units go one after another, each beside the compute of the units after
+                it: nothing runs beside the first unit's share of `compute` (no gradient
+                is complete yet; no layer but the first is gathered), and at least one
+                unit waits."""
+                return max(comm / units, exposed_beside(compute * (1 - 1 / units), comm, sd))
 
             grads = units * self.costs.collective_s(u.group, u.grad_op, u.unit_bytes)
             gather = units * self.costs.collective_s(u.group, "all_gather", u.unit_bytes) \

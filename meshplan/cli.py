@@ -193,7 +193,9 @@ def _add_place(sub) -> None:
 def _add_validate(sub) -> None:
     va = sub.add_parser("validate", help="run a suite of plans, predict them, report the error")
     va.add_argument("--profile", help="hardware profile (calibrated cost model)")
-    va.add_argument("--suite", choices=["full", "short"], default="full")
+    va.add_argument("--suite", choices=["full", "short", "overlap"], default="full",
+                    help="overlap: plans where overlap decides the step, each DP/FSDP one "
+                    "beside itself without overlap (for slow links)")
     va.add_argument("--cases", help="comma-separated case names: run only these")
     va.add_argument("--steps", type=int, default=8)
     va.add_argument("--rounds", type=int, default=1, help="passes over the suite, taking "
@@ -570,8 +572,7 @@ def _validate(args: argparse.Namespace) -> int:
     _need_torch("validate")
     from meshplan.validate import compare, report, suite
 
-    cases = suite.select(suite.SHORT_SUITE if args.suite == "short" else suite.CPU_SUITE,
-                         args.cases)
+    cases = suite.select(suite.SUITES[args.suite], args.cases)
     profile = load_profile(args.profile)
     results = suite.validate(cases, profile, steps=args.steps, warmup=args.warmup_steps,
                              rounds=args.rounds)

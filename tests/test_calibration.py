@@ -449,6 +449,19 @@ def test_rounds_keep_each_plan_s_fastest_run_and_cases_are_picked_by_name():
         select(CPU_SUITE, "dp2,dp3")
 
 
+def test_the_overlap_suite_pairs_each_dp_plan_with_itself_without_overlap():
+    from meshplan.loaders import load_cluster
+    from meshplan.validate.suite import OVERLAP_SUITE, SUITES, plan_file
+
+    names = {c.name for c in OVERLAP_SUITE}
+    for c in OVERLAP_SUITE:
+        if "dp=" in c.plan and "pp=" not in c.plan and "ep=" not in c.plan:
+            assert c.name.endswith("-no-overlap") or f"{c.name}-no-overlap" in names
+    assert SUITES["overlap"] is OVERLAP_SUITE
+    pf = plan_file(OVERLAP_SUITE[0], load_cluster("cpu"), None, "fp32")
+    assert pf.plan.bucket_mb == 1 and pf.predicted["des_step_time_s"] > 0
+
+
 def test_relinking_a_profile_remeasures_only_its_links(monkeypatch):
     """`meshplan profile --links-only BASE`: the collectives and the slowdown beside
     them come from the new passes; every compute table, overhead and the shared-compute

@@ -75,6 +75,25 @@ SHORT_SUITE = tuple(c for c in CPU_SUITE
                     if c.name in ("dp2", "tp2-sp", "pp2-1f1b", "moe-ep2", "dp2-full-recompute"))
 
 
+def _without_overlap(case: Case) -> Case:
+    return replace(case, name=f"{case.name}-no-overlap", plan=f"{case.plan},dp_overlap=off")
+
+
+_BUCKETED = (Case(name="dp2-b1", model="tiny-dense", gpus=2, plan="dp=2,mbs=4,bucket_mb=1"),
+             Case(name="dp4-b1", model="tiny-dense", gpus=4, plan="dp=4,mbs=2,bucket_mb=1"))
+# Where overlap decides the step: DDP in 1 MiB buckets (tiny-dense's gradients fill four;
+# in one 25 MiB bucket nothing overlaps) and FSDP, each beside itself without overlap, the
+# CP ring, EP and pipelines. Meant for slow links (a `tc`-throttled loopback), where the
+# communication is as long as the compute it runs beside.
+OVERLAP_SUITE = tuple(
+    [c for b in _BUCKETED for c in (b, _without_overlap(b))]
+    + [c for c in CPU_SUITE if c.name == "fsdp2"]
+    + [_without_overlap(c) for c in CPU_SUITE if c.name == "fsdp2"]
+    + [c for c in CPU_SUITE if c.name in ("cp2", "moe-ep2", "pp2-1f1b", "pp2-interleaved",
+                                          "dp2-pp2")])
+SUITES = {"full": CPU_SUITE, "short": SHORT_SUITE, "overlap": OVERLAP_SUITE}
+
+
 def plan_file(case: Case, cluster: ClusterSpec, profile: HardwareProfile | None,
               dtype: str) -> PlanFile:
     model = load_model(case.model)

@@ -458,8 +458,33 @@ def test_the_overlap_suite_pairs_each_dp_plan_with_itself_without_overlap():
         if "dp=" in c.plan and "pp=" not in c.plan and "ep=" not in c.plan:
             assert c.name.endswith("-no-overlap") or f"{c.name}-no-overlap" in names
     assert SUITES["overlap"] is OVERLAP_SUITE
+    assert {"dp2-cp2-b1-no-overlap", "moe-ep2-b1-no-overlap", "fsdp2-no-overlap"} <= names
     pf = plan_file(OVERLAP_SUITE[0], load_cluster("cpu"), None, "fp32")
     assert pf.plan.bucket_mb == 1 and pf.predicted["des_step_time_s"] > 0
+
+
+def test_overlap_savings_compare_each_plan_with_its_twin_without_overlap():
+    from meshplan.validate.compare import Row, overlap_savings, summary
+    from meshplan.validate.report import markdown
+
+    def row(name, pred, des, meas):
+        return Row(name=name, predicted_step_s=pred, predicted_des_step_s=des,
+                   measured_step_s=meas, predicted_memory_bytes=1.0,
+                   measured_memory_bytes=1.0)
+
+    rows = [row("a", 0.20, 0.22, 0.21), row("a-no-overlap", 0.25, 0.25, 0.24),
+            row("b", 0.30, 0.30, 0.30)]
+    (saved,) = overlap_savings(rows)
+    assert saved.name == "a" and saved.step_s == 0.21
+    assert saved.measured_s == pytest.approx(0.03)
+    assert saved.predicted_s == pytest.approx(0.05)
+    assert saved.predicted_des_s == pytest.approx(0.03)
+    s = summary(rows)
+    assert s["overlap_saving_mae"] == pytest.approx(0.02 / 0.21)
+    assert s["overlap_saving_mae_des"] == pytest.approx(0.0, abs=1e-12)
+    text = markdown(rows, ["p"] * 3, s, "t")
+    assert "| a | 30.0 | 50.0 | 30.0 |" in text and "event engine 0.0%" in text
+    assert "overlap_saving_mae" not in summary(rows[2:])
 
 
 def test_relinking_a_profile_remeasures_only_its_links(monkeypatch):

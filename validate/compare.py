@@ -49,6 +49,39 @@ class Row:
             self.measured_memory_bytes
 
 
+NO_OVERLAP = "-no-overlap"  # a case's twin with `dp_overlap=off` (`suite.OVERLAP_SUITE`)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Saving:
+    """What overlap saved on a plan run beside its twin without overlap: the twin's step
+    less the plan's, measured and predicted. Base costs that both share cancel, so its
+    error is the overlap model's own."""
+
+    name: str
+    measured_s: float
+    predicted_s: float
+    predicted_des_s: float | None
+    step_s: float  # the measured step with overlap, what the errors are fractions of
+
+
+def overlap_savings(rows: list[Row]) -> list[Saving]:
+    """One per row whose `NO_OVERLAP` twin ran too."""
+    by_name = {r.name: r for r in rows}
+    out = []
+    for r in rows:
+        twin = by_name.get(r.name + NO_OVERLAP)
+        if twin is None:
+            continue
+        des = None
+        if r.predicted_des_step_s is not None and twin.predicted_des_step_s is not None:
+            des = twin.predicted_des_step_s - r.predicted_des_step_s
+        out.append(Saving(name=r.name, measured_s=twin.measured_step_s - r.measured_step_s,
+                          predicted_s=twin.predicted_step_s - r.predicted_step_s,
+                          predicted_des_s=des, step_s=r.measured_step_s))
+    return out
+
+
 def summary(rows: list[Row]) -> dict[str, float | str | None]:
     """Mean and max absolute errors (fractions), Kendall τ, and how much slower the plan
     predicted fastest measured than the measured fastest."""
@@ -58,7 +91,7 @@ def summary(rows: list[Row]) -> dict[str, float | str | None]:
                      [r.measured_step_s for r in rows]).statistic if len(rows) > 1 else None
     picked = min(rows, key=lambda r: r.predicted_step_s)
     best = min(rows, key=lambda r: r.measured_step_s)
-    return _des_summary(rows) | _steal_summary(rows) | {
+    return _des_summary(rows) | _steal_summary(rows) | _saving_summary(rows) | {
         "step_time_mape": sum(steps) / len(steps),
         "step_time_max_ape": max(steps),
         "memory_mape": sum(mems) / len(mems) if mems else None,
@@ -92,3 +125,17 @@ def _steal_summary(rows: list[Row]) -> dict[str, float]:
     return {"host_steal_mean": sum(r.measured_steal or 0.0 for r in rows) / len(rows),
             "step_time_mape_unstolen": sum(errors) / len(errors),
             "step_time_max_ape_unstolen": max(errors)}
+
+
+def _saving_summary(rows: list[Row]) -> dict[str, float]:
+    """Mean |predicted − measured| overlap saving over the plans with a twin, as a
+    fraction of their measured steps, per engine."""
+    savings = overlap_savings(rows)
+    if not savings:
+        return {}
+    out = {"overlap_saving_mae": sum(abs(s.predicted_s - s.measured_s) / s.step_s
+                                     for s in savings) / len(savings)}
+    if all(s.predicted_des_s is not None for s in savings):
+        out["overlap_saving_mae_des"] = sum(abs((s.predicted_des_s or 0.0) - s.measured_s)
+                                            / s.step_s for s in savings) / len(savings)
+    return out

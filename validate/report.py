@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .compare import Row
+from .compare import Row, overlap_savings
 
 
 def _pct(x: float | None) -> str:
@@ -41,7 +41,25 @@ def markdown(rows: list[Row], plans: list[str], summary: dict, title: str) -> st
                 if "host_steal_mean" in s else []),
               f"- predicted fastest {s['predicted_fastest']}, measured fastest "
               f"{s['measured_fastest']}: the predicted pick is {s['fastest_gap']:.1%} slower"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _savings(rows, s)) + "\n"
+
+
+def _savings(rows: list[Row], s: dict) -> list[str]:
+    """What overlap saved, where a plan ran beside its twin without overlap."""
+    savings = overlap_savings(rows)
+    if not savings:
+        return []
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1e3:.1f}"
+
+    lines = ["", "| overlap saved (ms) | measured | predicted | des |", "|---|---:|---:|---:|"]
+    lines += [f"| {v.name} | {ms(v.measured_s)} | {ms(v.predicted_s)} | "
+              f"{ms(v.predicted_des_s)} |" for v in savings]
+    des = s.get("overlap_saving_mae_des")
+    lines += ["", f"- overlap saved: mean |predicted - measured| {s['overlap_saving_mae']:.1%} "
+              f"of the step" + ("" if des is None else f", event engine {des:.1%}")]
+    return lines
 
 
 def scatter(rows: list[Row], path: str) -> None:

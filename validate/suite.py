@@ -33,7 +33,7 @@ from meshplan.core.workload import TrainWorkload
 from meshplan.costmodels.calibrated import HardwareProfile
 from meshplan.loaders import load_cluster, load_model, save_plan_file
 
-from .compare import Row
+from .compare import NO_OVERLAP, Row
 
 BASE = "kernels=eager"  # the runtime runs eager torch ops
 
@@ -76,19 +76,25 @@ SHORT_SUITE = tuple(c for c in CPU_SUITE
 
 
 def _without_overlap(case: Case) -> Case:
-    return replace(case, name=f"{case.name}-no-overlap", plan=f"{case.plan},dp_overlap=off")
+    return replace(case, name=case.name + NO_OVERLAP, plan=f"{case.plan},dp_overlap=off")
 
 
-_BUCKETED = (Case(name="dp2-b1", model="tiny-dense", gpus=2, plan="dp=2,mbs=4,bucket_mb=1"),
-             Case(name="dp4-b1", model="tiny-dense", gpus=4, plan="dp=4,mbs=2,bucket_mb=1"))
-# Where overlap decides the step: DDP in 1 MiB buckets (tiny-dense's gradients fill four;
-# in one 25 MiB bucket nothing overlaps) and FSDP, each beside itself without overlap, the
-# CP ring, EP and pipelines. Meant for slow links (a `tc`-throttled loopback), where the
-# communication is as long as the compute it runs beside.
+# Where overlap decides the step, each DP/FSDP plan beside itself without overlap (its
+# measured saving tests the overlap model alone, `compare.overlap_savings`): DDP in 1 MiB
+# buckets (tiny-dense's gradients fill four; in one 25 MiB bucket nothing overlaps), alone
+# and beside the CP ring's or EP's traffic, and FSDP; then the CP ring, EP and pipelines.
+# Meant for slow links (a `tc`-throttled loopback), where the communication is as long as
+# the compute it runs beside.
+_WITH_TWINS = (
+    Case(name="dp2-b1", model="tiny-dense", gpus=2, plan="dp=2,mbs=4,bucket_mb=1"),
+    Case(name="dp4-b1", model="tiny-dense", gpus=4, plan="dp=4,mbs=2,bucket_mb=1"),
+    *(c for c in CPU_SUITE if c.name == "fsdp2"),
+    Case(name="dp2-cp2-b1", model="tiny-dense", gpus=4, plan="dp=2,cp=2,mbs=4,bucket_mb=1"),
+    Case(name="moe-ep2-b1", model="tiny-moe", gpus=2, plan="dp=2,ep=2,mbs=4,bucket_mb=1"),
+    Case(name="moe-dp4-ep2-b1", model="tiny-moe", gpus=4, plan="dp=4,ep=2,mbs=2,bucket_mb=1"),
+)
 OVERLAP_SUITE = tuple(
-    [c for b in _BUCKETED for c in (b, _without_overlap(b))]
-    + [c for c in CPU_SUITE if c.name == "fsdp2"]
-    + [_without_overlap(c) for c in CPU_SUITE if c.name == "fsdp2"]
+    [c for case in _WITH_TWINS for c in (case, _without_overlap(case))]
     + [c for c in CPU_SUITE if c.name in ("cp2", "moe-ep2", "pp2-1f1b", "pp2-interleaved",
                                           "dp2-pp2")])
 SUITES = {"full": CPU_SUITE, "short": SHORT_SUITE, "overlap": OVERLAP_SUITE}

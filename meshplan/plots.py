@@ -52,9 +52,17 @@ def timeline_plot(run, path: str, max_ranks: int = 16) -> None:
             key = s.stream
         bars.setdefault((s.rank, key, s.stream == "compute"), []).append(
             (s.start_s, s.end_s - s.start_s))
+    lanes: dict[int, list[str]] = {}  # a rank's communication streams, a thin lane each
+    for rank, key, compute in sorted(bars):
+        if not compute:
+            lanes.setdefault(rank, []).append(key)
     for (rank, key, compute), spans in sorted(bars.items()):
         y = ranks - 1 - rank
-        box = (y + 0.35, 0.6) if compute else (y + 0.05, 0.25)
+        if compute:
+            box = (y + 0.35, 0.6)
+        else:
+            height = 0.25 / len(lanes[rank])
+            box = (y + 0.05 + height * (len(lanes[rank]) - 1 - lanes[rank].index(key)), height)
         ax.broken_barh(spans, box, color=_COLOURS.get(key, "#999999"),
                        edgecolor="white" if compute else None, lw=0.3)
     ax.set_yticks([ranks - 1 - i + 0.5 for i in range(ranks)], run.ranks[:ranks], fontsize=8)
@@ -62,8 +70,7 @@ def timeline_plot(run, path: str, max_ranks: int = 16) -> None:
     plan = run.result.plan.to_text()
     ax.set_title(f"meshplan des: {plan} — step {run.result.step_time_s:.3f} s", fontsize=9)
     handles = [matplotlib.patches.Patch(color=c, label=k) for k, c in _COLOURS.items()]
-    ax.legend(handles=handles, ncol=10, fontsize=7, loc="upper center",
-              bbox_to_anchor=(0.5, -0.12 if ranks > 4 else -0.25), frameon=False)
-    fig.tight_layout()
+    fig.legend(handles=handles, ncol=10, fontsize=7, loc="lower center", frameon=False)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))  # 0.3 in for the legend
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -17,6 +17,14 @@ from meshplan.core.workload import TrainWorkload
 TARGETS = ("torchtitan", "megatron", "deepspeed")
 
 
+def _default_buckets(plan: Plan, engine: str) -> None:
+    """Refuse a DDP bucket size the engine has no setting for (`bucket_mb` sizes ZeRO-0's
+    buckets only)."""
+    require(plan.zero != 0 or plan.bucket_mb == Plan.bucket_mb, "plan.bucket_mb",
+            f"{engine} has no setting for DDP's bucket size; it keeps {Plan.bucket_mb:g} MiB, "
+            f"the plan has {plan.bucket_mb:g}")
+
+
 def export(model: ModelSpec, work: TrainWorkload, plan: Plan, target: str) -> str:
     require(target in TARGETS, "export.to", f"{target!r} is not one of {list(TARGETS)}")
     require(plan.dp > 0, "plan.dp", "export needs a resolved plan (dp filled in)")
@@ -65,6 +73,7 @@ def torchtitan_toml(model: ModelSpec, work: TrainWorkload, plan: Plan) -> str:
             "torchtitan offloads to CPU only through FSDP2 (needs zero=3)")
     require(plan.schedule in _TT_SCHEDULE, "plan.schedule",
             f"no torchtitan schedule for {plan.schedule}")
+    _default_buckets(plan, "torchtitan")
     replicate, shard = (plan.dp, 1) if plan.zero == 0 else (1, plan.dp)
     parallelism: dict[str, object] = {
         "data_parallel_replicate_degree": replicate,
@@ -155,6 +164,9 @@ def megatron_args(model: ModelSpec, work: TrainWorkload, plan: Plan) -> str:
         a += ["--use-torch-fsdp2"]
     if plan.dp_overlap:
         a += ["--overlap-grad-reduce"] + (["--overlap-param-gather"] if plan.zero else [])
+    if plan.zero == 0 and plan.bucket_mb != Plan.bucket_mb:  # in parameters, as predicted
+        grad_bytes = 4 if work.dtype == "fp32" else 2  # `PlanCosts.dp_units`
+        a += ["--ddp-bucket-size", str(round(plan.bucket_mb * 2**20 / grad_bytes))]
     if plan.tp_overlap and plan.tp > 1:
         a.append("--tp-comm-overlap")
     if plan.offload == "optimizer":
@@ -219,6 +231,7 @@ def deepspeed_json(model: ModelSpec, work: TrainWorkload, plan: Plan) -> str:
         ("plan.schedule", plan.vpp == 1, "no interleaved schedule in DeepSpeed"),
     ):
         require(ok, key, why)
+    _default_buckets(plan, "DeepSpeed's JSON")
     m = work.global_batch // (plan.dp * plan.mbs)
     cfg: dict[str, object] = {
         "train_batch_size": work.global_batch,

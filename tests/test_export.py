@@ -87,6 +87,17 @@ def test_megatron_moe():
     assert f["--expert-model-parallel-size"] == "8" and f["--expert-tensor-parallel-size"] == "1"
 
 
+def test_ddp_bucket_size_goes_to_megatron_in_parameters_and_is_refused_elsewhere():
+    model = mp.load_model("llama3-8b")
+    flags = _flags(export(model, WORK, _plan("tp=8,zero=0,bucket_mb=50"), "megatron"))
+    assert flags["--ddp-bucket-size"] == str(50 * 2**20 // 2)  # bf16 gradients
+    assert "--ddp-bucket-size" not in _flags(export(model, WORK, _plan("tp=8,zero=0"),
+                                                    "megatron"))
+    for target in ("torchtitan", "deepspeed"):
+        with pytest.raises(mp.SpecError, match="plan.bucket_mb.*50"):
+            export(model, WORK, _plan("tp=8,zero=0,bucket_mb=50"), target)
+
+
 def test_deepspeed_values_and_refusals():
     model = mp.load_model("llama3-8b")
     cfg = json.loads(export(model, WORK, _plan("tp=2,mbs=2,zero=2,offload=optimizer,"

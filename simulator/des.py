@@ -11,9 +11,13 @@ runtime executes) on a compute stream, and each communication has a stream of it
   stream, `CostModel.reduce_scatter_overlaps`); FSDP all-gathers prefetched one unit
   ahead (ZeRO-3 every pass, ZeRO-1/2 and ZeRO-3 under PP on the first forward);
 - the optimizer step once a rank's gradients are reduced, host offload copies after it.
-Every flow loads its rank's links (NVLink/NVSwitch port, NIC, PCIe; directional) and
-shares them max-min fairly with the other flows there (`fluid.py`); compute that overlaps
-a flow of its rank runs slower by the cost model's `overlap_slowdown`.
+Every flow loads its rank's links (NVLink/NVSwitch port, NIC, PCIe; directional) and,
+where the node's processes share one medium (`CostModel.shared_fabric_bytes_per_s`: a CPU
+host), that node's fabric by the processes it stands for; flows share every link max-min
+fairly (`fluid.py`). Compute that overlaps a flow of its rank runs slower by the cost
+model's `overlap_slowdown`. Where the transport moves a message only once its receive is
+posted (`CostModel.sends_on_receive`: gloo), a pipeline send posted before its receive
+starts moving then.
 
 Scale by symmetry: data-parallel replicas and TP/CP ranks run the same program on the same
 kinds of links, so one replica's `pp` ranks stand for all of them (a collective's time

@@ -141,6 +141,11 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
     # ---- derived ------------------------------------------------------------
+    @property
+    def bucket_bytes(self) -> int:
+        """`bucket_mb` in bytes."""
+        return round(self.bucket_mb * 2**20)
+
     def resolve(self, n_gpus: int) -> Plan:
         """Fill in dp from the GPU count, and the expert TP default."""
         other = self.tp * self.pp * self.cp

@@ -164,9 +164,8 @@ def megatron_args(model: ModelSpec, work: TrainWorkload, plan: Plan) -> str:
         a += ["--use-torch-fsdp2"]
     if plan.dp_overlap:
         a += ["--overlap-grad-reduce"] + (["--overlap-param-gather"] if plan.zero else [])
-    if plan.zero == 0 and plan.bucket_mb != Plan.bucket_mb:  # in parameters, as predicted
-        grad_bytes = 4 if work.dtype == "fp32" else 2  # `PlanCosts.dp_units`
-        a += ["--ddp-bucket-size", str(round(plan.bucket_mb * 2**20 / grad_bytes))]
+    if plan.zero == 0 and plan.bucket_mb != Plan.bucket_mb:  # in parameters, as `dp_units`
+        a += ["--ddp-bucket-size", str(round(plan.bucket_bytes / work.activation_bytes))]
     if plan.tp_overlap and plan.tp > 1:
         a.append("--tp-comm-overlap")
     if plan.offload == "optimizer":

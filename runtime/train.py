@@ -111,7 +111,7 @@ def grad_reducer(chunks, mesh: Mesh) -> GradReducer:
     if experts:
         jobs.append(([p for p in params if p in experts], mesh.twin_group("edp")))
     return GradReducer(chunks, jobs, divisor=plan.dp * plan.cp, overlap=plan.dp_overlap,
-                       bucket_bytes=round(plan.bucket_mb * 2**20),
+                       bucket_bytes=plan.bucket_bytes,
                        keep_gathered=plan.zero in (1, 2))
 
 

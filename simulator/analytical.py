@@ -533,7 +533,7 @@ class PlanCosts:
     def twin_sync_bytes(self, rank: int) -> float:
         """The gradients a DualPipe rank sums with its twin (as reduced: fp32 or 16-bit)."""
         dense, expert = self.rank_params(rank)
-        return (4 if self.work.dtype == "fp32" else 2) * (dense + expert)
+        return self.work.activation_bytes * (dense + expert)
 
     def sp_grads_bytes(self, rank: int) -> float:
         """SP: the norm weights are replicated over TP but each rank saw only its sequence
@@ -777,13 +777,13 @@ class PlanCosts:
         p = self.plan
         dense, expert = self.rank_params(rank)
         nlayers = max(1, self.rank_layers(rank))
-        elem = 4 if self.work.dtype == "fp32" else 2  # gradient bytes as reduced
+        elem = self.work.activation_bytes  # gradients are reduced in the activations' dtype
         out = []
         for params, group in ((dense, self.dp_group), (expert, self.edp_group)):
             grad_bytes = elem * params
             if group.size <= 1 or params == 0:
                 continue
-            units = (max(1, math.ceil(grad_bytes / (p.bucket_mb * 2**20))) if p.zero == 0
+            units = (max(1, math.ceil(grad_bytes / p.bucket_bytes)) if p.zero == 0
                      else nlayers + 1)
             out.append(DpUnits(group=group, zero=p.zero >= 1, units=units,
                                unit_bytes=grad_bytes / units, layers=nlayers))

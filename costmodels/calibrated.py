@@ -10,9 +10,10 @@ tiny-dense step 24% fast on a CPU. The tables and fits:
   beyond the grid take the nearest edge's rate (big GEMMs sit at the roof).
 - Attention interpolates the measured forward and backward FLOP rates in log key length.
 - Memory-bound work is `kernels · launch + bytes / bandwidth`, both fitted.
-- Collectives are α + β · bus bytes (NCCL's convention, `collectives.BUS_FACTOR`) with α
-  and β fitted per operation and group size; groups that span nodes, which one machine
-  cannot measure, fall back to the nominal model. A group smaller than the job slows as
+- Collectives interpolate the measured times linearly in bytes, per operation and group
+  size; a group size not measured takes α + β · bus bytes (NCCL's convention,
+  `collectives.BUS_FACTOR`) fitted at the nearest one; groups that span nodes, which one
+  machine cannot measure, fall back to the nominal model. A group smaller than the job slows as
   the job's processes crowd the machine (the concurrency ratio below). A ring hop, every
   rank sending to the next at once (ring attention), has a fit of its own: where the two
   directions share a link it takes longer than one send.
@@ -93,6 +94,9 @@ class HardwareProfile:
     # [seconds per layer, fraction of the layer's backward] that the runtime's split
     # backward (input pass, then weight pass) adds (`validate.mechbench.time_split_backward`)
     split_backward: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # str(n) -> op -> rows [buffer bytes, seconds] the fits above were made from; where a
+    # profile has them, a collective of n ranks interpolates them (`CalibratedCosts._link_s`)
+    collective_rows: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     source: str = ""
 
 
@@ -121,6 +125,10 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
     require(len(prof.split_backward) == 2 and min(prof.split_backward) >= 0,
             "profile.split_backward",
             f"must be [seconds per layer >= 0, fraction >= 0], got {prof.split_backward}")
+    for n, ops in prof.collective_rows.items():
+        for op, rows in ops.items():
+            require(all(len(r) == 2 and r[0] > 0 and r[1] > 0 for r in rows),
+                    f"profile.collective_rows.{n}.{op}", "rows must be [bytes > 0, seconds > 0]")
     for unit, pair in prof.overhead_shares.items():
         require(len(pair) == 2 and min(pair) >= 0, f"profile.overhead_shares.{unit}",
                 f"must be [forward >= 0, backward >= 0], got {pair}")
@@ -277,28 +285,26 @@ class CalibratedCosts:
     def collective_s(self, group: coll.Group, op: coll.Collective, size_bytes: float) -> float:
         if group.size <= 1 or size_bytes <= 0:
             return 0.0
-        fit = self._comm(op, group.size)
-        if group.nodes > 1 or fit is None:
+        measured = self._link_s(op, group.size, size_bytes)
+        if group.nodes > 1 or measured is None:
             return self.nominal.collective_s(group, op, size_bytes)
-        alpha, beta = fit
-        return (alpha + beta * coll.BUS_FACTOR[op](group.size) * size_bytes) * \
-            self._crowding(group.size)
+        return measured * self._crowding(group.size)
 
     def p2p_s(self, crosses_node: bool, size_bytes: float) -> float:
-        fit = self._comm("p2p", 2)
-        if crosses_node or fit is None:
+        measured = self._link_s("p2p", 2, size_bytes)
+        if crosses_node or measured is None:
             return self.nominal.p2p_s(crosses_node, size_bytes)
-        return (fit[0] + fit[1] * size_bytes) * self._crowding(2)
+        return measured * self._crowding(2)
 
     def ring_hop_s(self, group: coll.Group, size_bytes: float) -> float:
         """The measured ring shift (`commbench`: every rank sends to the next and receives
         from the previous at once) where the profile has one; else, or across nodes, a
         send. Under `tc` on a loopback both directions share one queue: a 1 MB shift
         took 17.2 ms there against 8.5 ms for one send."""
-        fit = self._comm("ring_shift", group.size)
-        if group.nodes > 1 or fit is None:
+        measured = self._link_s("ring_shift", group.size, size_bytes)
+        if group.nodes > 1 or measured is None:
             return self.p2p_s(group.nodes > 1, size_bytes)
-        return (fit[0] + fit[1] * size_bytes) * self._crowding(group.size)
+        return measured * self._crowding(group.size)
 
     def stage_send_s(self, crosses_node: bool, size_bytes: float) -> float:
         return self.p2p_s(crosses_node, size_bytes) + \
@@ -321,6 +327,24 @@ class CalibratedCosts:
         """(group size, (alpha, beta)) of every measured group size of `op`."""
         return [(int(k), tuple(v[op])) for k, v in self.profile.collectives.items() if op in v]
 
+    def _link_s(self, op: str, n: int, size_bytes: float) -> float | None:
+        """Seconds of `op` over `n` ranks of one node on a `size_bytes` buffer, as
+        measured: the profile's rows for `n` ranks interpolated linearly in bytes (each
+        segment between two measured sizes its own α + β line; the smallest size's time
+        below it, the last segment's line beyond the largest), else the α-β fit of the
+        nearest measured group size with `n` ranks' bus bytes. One line over 1 KiB-16 MiB
+        cannot follow gloo: latency-bound up to 64 KiB, then bandwidth-bound, so the fit
+        priced a 4-rank all-reduce of 0.86 MB on the throttled loopback 13% below its
+        measured 41.5 ms."""
+        rows = self.profile.collective_rows.get(str(n), {}).get(op)
+        if rows:
+            return _linear(rows, size_bytes)
+        fit = self._comm(op, n)
+        if fit is None:
+            return None
+        factor = 1.0 if op in ("p2p", "ring_shift") else coll.BUS_FACTOR[op](n)
+        return fit[0] + fit[1] * factor * size_bytes
+
     def _comm(self, op: str, n: int) -> tuple[float, float] | None:
         sizes = dict(self._fits(op))
         if not sizes:
@@ -339,6 +363,19 @@ def _loglog(rows: list[list[float]], x: float, col: int) -> float:
     if x >= pts[-1][0]:
         return pts[-1][1] * x / pts[-1][0]
     return float(np.exp(np.interp(math.log(x), xs, ys)))
+
+
+def _linear(rows: list[list[float]], x: float) -> float:
+    """Column 1 against column 0, linear between rows; the first row's value below them,
+    the last two rows' line beyond them."""
+    pts = sorted(rows)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if x <= xs[0] or len(pts) == 1:
+        return ys[0] if x <= xs[0] else ys[0] * x / xs[0]
+    if x >= xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + max(slope, 0.0) * (x - xs[-1])
+    return float(np.interp(x, xs, ys))
 
 
 def _nearest(table: dict[str, float], n: int, default: float) -> float:

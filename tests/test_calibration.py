@@ -57,6 +57,33 @@ def test_collectives_use_the_fit_for_the_group_size():
     assert costs.p2p_s(False, 1e6) == pytest.approx(1e-4 + 1e-9 * 1e6)
 
 
+def test_collectives_interpolate_their_measured_rows():
+    """Where the profile keeps the measured rows, a collective of that group size follows
+    them (linear between sizes, the smallest's time below, the last segment's line
+    beyond); a line fitted over all sizes cannot follow a latency floor that ends where
+    bandwidth takes over."""
+    rows = [[1024, 5e-3], [65536, 5e-3], [262144, 12e-3], [1048576, 48e-3]]
+    prof = replace(synthetic(alpha=1e-4, beta=1e-9),
+                   collective_rows={"2": {"all_reduce": rows, "p2p": [[1024, 1e-4]]}})
+    costs = CalibratedCosts(load_cluster("cpu", gpus=2), prof)
+    g = coll.Group(size=2, per_node=2)
+    assert costs.collective_s(g, "all_reduce", 262144) == pytest.approx(12e-3)
+    assert costs.collective_s(g, "all_reduce", 655360) == pytest.approx(30e-3)
+    assert costs.collective_s(g, "all_reduce", 512) == pytest.approx(5e-3)
+    assert costs.collective_s(g, "all_reduce", 2097152) == pytest.approx(96e-3)
+    assert costs.p2p_s(False, 1024) == pytest.approx(1e-4)
+    # an op without rows, and a group size without rows, keep the fit
+    assert costs.collective_s(g, "all_gather", 1e6) == pytest.approx(1e-4 + 1e-9 * 0.5e6)
+    four, cpu4 = coll.Group(size=4, per_node=4), load_cluster("cpu", gpus=4)
+    assert CalibratedCosts(cpu4, prof).collective_s(four, "all_reduce", 1e6) == \
+        CalibratedCosts(cpu4, synthetic(alpha=1e-4, beta=1e-9)).collective_s(
+            four, "all_reduce", 1e6)
+    bad = profile_to_dict(prof)
+    bad["collective_rows"]["2"]["all_reduce"] = [[1024, 0.0]]
+    with pytest.raises(SpecError, match=r"profile\.collective_rows\.2\.all_reduce"):
+        profile_from_dict(bad)
+
+
 def test_a_ring_hop_takes_the_measured_shift_or_else_a_send():
     """Where the profile measured a ring shift (both directions at once), ring attention's
     hops take it; without one, and on the nominal model's full-duplex links, a send."""
@@ -508,7 +535,9 @@ def test_relinking_a_profile_remeasures_only_its_links(monkeypatch):
     assert out["collectives"]["2"] == prof_mod.fit_collectives(
         [["all_reduce", 1024, 1e-3], ["all_reduce", 4096, 4e-3]], 2)
     assert out["overlap_slowdown"] == {"2": pytest.approx(0.05)}
-    kept = {k for k in base if k not in ("collectives", "overlap_slowdown", "source")}
+    assert out["collective_rows"]["2"] == {"all_reduce": [[1024, 1e-3], [4096, 4e-3]]}
+    kept = {k for k in base
+            if k not in ("collectives", "collective_rows", "overlap_slowdown", "source")}
     assert {k: out[k] for k in kept} == {k: base[k] for k in kept}
     assert "re-measured" in out["source"]
 

@@ -128,6 +128,7 @@ def relink(base: dict[str, Any], opts: ProfileOptions, say=print) -> dict:
         passes.append({n: _commbench(n, opts, gemm=False) for n in opts.processes})
     links = _shared_machine(opts, passes, cores=0)
     prof = replace(prof, collectives=links["collectives"],
+                   collective_rows=links["collective_rows"],
                    overlap_slowdown=links["overlap_slowdown"],
                    source=f"{prof.source}; collectives re-measured ({opts.sweeps} passes)")
     return {**profile_to_dict(prof), "peaks": peaks(prof)}
@@ -429,16 +430,18 @@ def _shared_machine(opts: ProfileOptions, passes: list[dict[int, dict]], cores: 
     (`calibrated._nearest`). Measured instead, 4 processes on this VM's 2 cores gave 2.04
     in one profile and 2.74 in the next, 1.8-2.9 shape to shape, while 4-process runtime
     steps ran at the fair share."""
-    collectives, concurrency, overlap = {}, {"1": 1.0}, {}
+    collectives, table, concurrency, overlap = {}, {}, {"1": 1.0}, {}
     for n in opts.processes:
         recs = [p[n] for p in passes]
         rows = reduce_rows([r["collectives"] for r in recs], keys=2, reduce=np.min)
         collectives[str(n)] = fit_collectives(rows, n)
+        table[str(n)] = {op: [[b, t] for o, b, t in rows if o == op]
+                         for op in sorted({r[0] for r in rows})}
         overlap[str(n)] = float(np.median([r["overlap_slowdown"] for r in recs]))
         if n <= cores:
             concurrency[str(n)] = float(np.median([concurrency_slowdown(r["gemm"])
                                                    for r in recs]))
-    return {"collectives": collectives, "concurrency": concurrency,
+    return {"collectives": collectives, "collective_rows": table, "concurrency": concurrency,
             "overlap_slowdown": overlap}
 
 

@@ -367,7 +367,7 @@ def _loglog(rows: list[list[float]], x: float, col: int) -> float:
 
 def _linear(rows: list[list[float]], x: float) -> float:
     """Column 1 against column 0, linear between rows; the first row's value below them,
-    the last two rows' line beyond them."""
+    the last two rows' line beyond them (one row: proportional beyond it)."""
     pts = sorted(rows)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     if x <= xs[0] or len(pts) == 1:

@@ -342,8 +342,7 @@ class CalibratedCosts:
         fit = self._comm(op, n)
         if fit is None:
             return None
-        factor = 1.0 if op in ("p2p", "ring_shift") else coll.BUS_FACTOR[op](n)
-        return fit[0] + fit[1] * factor * size_bytes
+        return fit[0] + fit[1] * fit_factor(op, n) * size_bytes
 
     def _comm(self, op: str, n: int) -> tuple[float, float] | None:
         sizes = dict(self._fits(op))
@@ -365,17 +364,21 @@ def _loglog(rows: list[list[float]], x: float, col: int) -> float:
     return float(np.exp(np.interp(math.log(x), xs, ys)))
 
 
+def fit_factor(op: str, n: int) -> float:
+    """What a collective's α-β fit multiplies the buffer's bytes by: NCCL's bus factor
+    for `n` ranks; 1 for a send and a ring shift, whose buffer is the message."""
+    return 1.0 if op in ("p2p", "ring_shift") else coll.BUS_FACTOR[op](n)
+
+
 def _linear(rows: list[list[float]], x: float) -> float:
     """Column 1 against column 0, linear between rows; the first row's value below them,
     the last two rows' line beyond them (one row: proportional beyond it)."""
     pts = sorted(rows)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    if x <= xs[0] or len(pts) == 1:
-        return ys[0] if x <= xs[0] else ys[0] * x / xs[0]
-    if x >= xs[-1]:
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-        return ys[-1] + max(slope, 0.0) * (x - xs[-1])
-    return float(np.interp(x, xs, ys))
+    if x <= xs[-1]:
+        return float(np.interp(x, xs, ys))  # the first row's value below it
+    x0, y0 = pts[-2] if len(pts) > 1 else (0.0, 0.0)
+    return ys[-1] + max((ys[-1] - y0) / (xs[-1] - x0), 0.0) * (x - xs[-1])
 
 
 def _nearest(table: dict[str, float], n: int, default: float) -> float:

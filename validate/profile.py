@@ -23,8 +23,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from meshplan.core.errors import require
-from meshplan.costmodels import collectives as coll
-from meshplan.costmodels.calibrated import HardwareProfile, profile_to_dict
+from meshplan.costmodels.calibrated import HardwareProfile, fit_factor, profile_to_dict
 
 GEMM_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 ATTN_SEQS = (64, 128, 256, 512, 1024, 2048)
@@ -66,14 +65,14 @@ def fit_plane(x: list[float], y: list[float], t: list[float]) -> tuple[float, fl
     return float(coef[0]), float(coef[1])
 
 
+def rows_by_op(rows: list[list]) -> dict[str, list[list[float]]]:
+    """commbench's rows [op, bytes, seconds] as op -> rows [bytes, seconds]."""
+    return {op: [[b, t] for o, b, t in rows if o == op] for op in sorted({r[0] for r in rows})}
+
+
 def fit_collectives(rows: list[list], n: int) -> dict[str, list[float]]:
-    out = {}
-    for op in sorted({r[0] for r in rows}):
-        pts = [(r[1], r[2]) for r in rows if r[0] == op]
-        factor = 1.0 if op in ("p2p", "ring_shift") else coll.BUS_FACTOR[op](n)
-        alpha, beta = fit_line([factor * b for b, _ in pts], [t for _, t in pts])
-        out[op] = [alpha, beta]
-    return out
+    return {op: list(fit_line([fit_factor(op, n) * b for b, _ in pts], [t for _, t in pts]))
+            for op, pts in rows_by_op(rows).items()}
 
 
 def concurrency_slowdown(rows: list[list]) -> float:
@@ -435,8 +434,7 @@ def _shared_machine(opts: ProfileOptions, passes: list[dict[int, dict]], cores: 
         recs = [p[n] for p in passes]
         rows = reduce_rows([r["collectives"] for r in recs], keys=2, reduce=np.min)
         collectives[str(n)] = fit_collectives(rows, n)
-        table[str(n)] = {op: [[b, t] for o, b, t in rows if o == op]
-                         for op in sorted({r[0] for r in rows})}
+        table[str(n)] = rows_by_op(rows)
         overlap[str(n)] = float(np.median([r["overlap_slowdown"] for r in recs]))
         if n <= cores:
             concurrency[str(n)] = float(np.median([concurrency_slowdown(r["gemm"])

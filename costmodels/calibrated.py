@@ -372,7 +372,9 @@ def fit_factor(op: str, n: int) -> float:
 
 def _linear(rows: list[list[float]], x: float) -> float:
     """Column 1 against column 0, linear between rows; the first row's value below them,
-    the last two rows' line beyond them (one row: proportional beyond it)."""
+    the last two rows' line beyond them (one row: proportional beyond it), flat where
+    that line falls: a larger buffer never takes less time, so a last row below the one
+    before it (timing noise) is not carried on."""
     pts = sorted(rows)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     if x <= xs[-1]:

@@ -72,6 +72,10 @@ def test_collectives_interpolate_their_measured_rows():
     assert costs.collective_s(g, "all_reduce", 512) == pytest.approx(5e-3)
     assert costs.collective_s(g, "all_reduce", 2097152) == pytest.approx(96e-3)
     assert costs.p2p_s(False, 1024) == pytest.approx(1e-4)
+    # a last segment that falls (noise) is not carried on past the last row
+    falling = replace(prof, collective_rows={"2": {"all_reduce": [[1024, 5e-3], [4096, 4e-3]]}})
+    assert CalibratedCosts(load_cluster("cpu", gpus=2), falling).collective_s(
+        g, "all_reduce", 65536) == pytest.approx(4e-3)
     # an op without rows, and a group size without rows, keep the fit
     assert costs.collective_s(g, "all_gather", 1e6) == pytest.approx(1e-4 + 1e-9 * 0.5e6)
     four, cpu4 = coll.Group(size=4, per_node=4), load_cluster("cpu", gpus=4)

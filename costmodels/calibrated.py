@@ -35,7 +35,10 @@ tiny-dense step 24% fast on a CPU. The tables and fits:
   shared cores, memory bandwidth and the last-level cache): every compute time is scaled
   by the slowdown measured with that many processes running the same GEMMs together; past
   the largest count measured (the core count on a CPU), by that slowdown times the
-  processes per measured process, the share a fair scheduler gives each.
+  processes per measured process, the share a fair scheduler gives each. For an
+  engine that follows the processes in time, `time_slicing` says how the kernel shares
+  the cores: its time slice (`validate.microbench.scheduler_slice_s`) and the share of a
+  core a process's communication keeps busy (`validate.commbench.comm_core_share`).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from meshplan.core.cluster import ClusterSpec
 from meshplan.core.errors import SpecError, require
 
 from . import collectives as coll
-from .costs import OPTIMIZER_BYTES_PER_PARAM, OVERLAP_SLOWDOWN, NominalCosts
+from .costs import OPTIMIZER_BYTES_PER_PARAM, OVERLAP_SLOWDOWN, NominalCosts, TimeSlicing
 from .flops import eager_factor
 
 FORMAT, VERSION = "meshplan-profile", 1
@@ -97,6 +100,12 @@ class HardwareProfile:
     # str(n) -> op -> rows [buffer bytes, seconds] the fits above were made from; where a
     # profile has them, a collective of n ranks interpolates them (`CalibratedCosts._link_s`)
     collective_rows: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    # seconds a process computes before the kernel gives its core to another waiting, with
+    # twice as many busy processes as cores (`validate.microbench.scheduler_slice_s`)
+    scheduler_slice_s: float | None = None
+    # str(processes) -> cores one process keeps busy while its collectives run
+    # (`validate.commbench.comm_core_share`)
+    comm_core_share: dict[str, float] = field(default_factory=dict)
     source: str = ""
 
 
@@ -125,6 +134,10 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
     require(len(prof.split_backward) == 2 and min(prof.split_backward) >= 0,
             "profile.split_backward",
             f"must be [seconds per layer >= 0, fraction >= 0], got {prof.split_backward}")
+    require(prof.scheduler_slice_s is None or prof.scheduler_slice_s > 0,
+            "profile.scheduler_slice_s", f"must be positive, got {prof.scheduler_slice_s}")
+    for n, share in prof.comm_core_share.items():
+        require(0 <= share, f"profile.comm_core_share.{n}", f"must be at least 0, got {share}")
     for n, ops in prof.collective_rows.items():
         for op, rows in ops.items():
             require(all(len(r) == 2 and r[0] > 0 and r[1] > 0 for r in rows),
@@ -240,6 +253,17 @@ class CalibratedCosts:
         """Past the largest process count the profile measured (on a CPU, the core
         count: `meshplan profile` records no more), the fair share of `_nearest`."""
         return self._shared
+
+    def time_slicing(self) -> TimeSlicing | None:
+        """The profile's slice where processes outnumber the cores, with the core share
+        of a communicating process measured with as many processes as cores (more would
+        share the cores among themselves); 0 where the profile did not measure it."""
+        p = self.profile
+        if self._shared is None or p.scheduler_slice_s is None:
+            return None
+        fits = [int(n) for n in p.comm_core_share if int(n) <= self._shared[0]]
+        share = p.comm_core_share[str(max(fits))] if fits else 0.0
+        return TimeSlicing(slice_s=p.scheduler_slice_s, comm_core_share=share)
 
     def reduce_scatter_overlaps(self) -> bool:
         return self.profile.device != "cpu"

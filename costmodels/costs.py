@@ -8,6 +8,7 @@ interpolates the tables that `meshplan profile` measured. Simulators take either
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from meshplan.core.cluster import ClusterSpec
@@ -29,6 +30,17 @@ def exposed_beside(compute_s: float, comm_s: float, slowdown: float) -> float:
     `simulator/fluid.py`, solved for one pair): if the communication outlasts the slowed
     compute it is exposed beyond it, else the compute pays `comm·slowdown/(1+slowdown)`."""
     return max(comm_s - compute_s, comm_s * slowdown / (1.0 + slowdown))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeSlicing:
+    """How an operating system shares cores among more busy processes than it has.
+    `slice_s`: how long a process computes before the kernel gives its core to another
+    waiting; `comm_core_share`: the cores a process keeps busy while its collectives
+    run and it does not compute (gloo's transport threads copying and polling), which
+    they take from the processes computing."""
+    slice_s: float
+    comm_core_share: float
 
 
 class CostModel(Protocol):
@@ -75,6 +87,12 @@ class CostModel(Protocol):
         once, `crowding` = processes / cores times longer than with at most `cores`. An
         engine that knows when processes idle may divide it out and share the cores among
         those computing. None where each process has a device of its own."""
+        ...
+
+    def time_slicing(self) -> TimeSlicing | None:
+        """Where processes share few cores (`shared_cores`), how their scheduler shares
+        them (an engine that time-shares the cores lets independent groups drift out of
+        phase); None: not measured, or a device per process."""
         ...
 
     def reduce_scatter_overlaps(self) -> bool:
@@ -168,6 +186,9 @@ class NominalCosts:
         return OVERLAP_SLOWDOWN
 
     def shared_cores(self) -> tuple[int, float] | None:
+        return None  # a GPU per process
+
+    def time_slicing(self) -> TimeSlicing | None:
         return None  # a GPU per process
 
     def reduce_scatter_overlaps(self) -> bool:

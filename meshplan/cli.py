@@ -558,6 +558,10 @@ def _profile(args: argparse.Namespace) -> int:
             print(f"{op:14s} x{n}: alpha {alpha * 1e6:8.1f} us, bus bandwidth "
                   f"{1 / beta / 1e9 if beta else float('inf'):.3g} GB/s")
     print(f"shared compute slowdown: {prof['concurrency']}")
+    shares = {n: round(v, 3) for n, v in prof.get("comm_core_share", {}).items()}
+    print(f"cores a communicating process keeps busy: {shares}")
+    if prof.get("scheduler_slice_s"):
+        print(f"scheduler time slice: {prof['scheduler_slice_s'] * 1e3:.2f} ms")
     print(f"profile written to {args.out} ({time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -184,6 +184,7 @@ def test_profile_then_validate_end_to_end(tmp_path, capsys):
                  "--quick"]) == 0
     prof = profile_from_dict(json.loads(hw.read_text()))
     assert prof.gemm["fp32"] and "2" in prof.collectives and prof.elementwise["fp32"]
+    assert prof.scheduler_slice_s > 0 and 0 <= prof.comm_core_share["2"] <= 2
     capsys.readouterr()
     report, plot = tmp_path / "v.md", tmp_path / "v.png"
     code = main(["validate", "--profile", str(hw), "--suite", "short", "--steps", "3",
@@ -249,7 +250,7 @@ def test_more_processes_than_cores_share_them_fairly(monkeypatch):
         return {"collectives": [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]],
                 "gemm": [[64, 64, 64, 2.2 if n == 2 else 9.0, 2.0],  # [m, n, k, together,
                          [128, 64, 64, 1.0, 1.0], [64, 128, 64, 3.3, 3.0]],  # alone]
-                "overlap_slowdown": 0.2}
+                "overlap_slowdown": 0.2, "comm_core_share": 0.6}
 
     shared = prof_mod._shared_machine(prof_mod.ProfileOptions(processes=(2, 4)),
                                       [{2: commbench(2), 4: commbench(4)}], cores=2)
@@ -259,6 +260,25 @@ def test_more_processes_than_cores_share_them_fairly(monkeypatch):
     assert CalibratedCosts(load_cluster("cpu", gpus=4), prof).slowdown == pytest.approx(2.2)
 
 
+def test_time_slicing_comes_with_more_processes_than_cores():
+    """The slice and the communication's core share reach the engine only where the
+    processes outnumber the cores (2 measured: a 4-process job); the share is the one
+    measured with as many processes as cores, where communication did not have to share
+    them. A negative share is refused, naming the field."""
+    from meshplan.costmodels.costs import TimeSlicing
+
+    prof = replace(synthetic(), scheduler_slice_s=0.004,
+                   comm_core_share={"2": 0.6, "4": 0.45})
+    four = CalibratedCosts(load_cluster("cpu", gpus=4), prof)
+    assert four.time_slicing() == TimeSlicing(slice_s=0.004, comm_core_share=0.6)
+    assert CalibratedCosts(load_cluster("cpu", gpus=2), prof).time_slicing() is None
+    unmeasured = replace(prof, scheduler_slice_s=None)
+    assert CalibratedCosts(load_cluster("cpu", gpus=4), unmeasured).time_slicing() is None
+    bad = {**profile_to_dict(prof), "comm_core_share": {"2": -0.1}}
+    with pytest.raises(SpecError, match="profile.comm_core_share.2"):
+        profile_from_dict(bad)
+
+
 def test_multi_process_benchmarks_keep_their_fastest_pass():
     """Collective rows and mechanism records come from the fastest of the passes, a
     mechanism's 1- and 3-layer times from one pass together; ratios take the median."""
@@ -266,7 +286,7 @@ def test_multi_process_benchmarks_keep_their_fastest_pass():
 
     def comm(t: float, overlap: float) -> dict:
         return {"collectives": [["all_reduce", 1024, t], ["all_reduce", 4096, 2 * t]],
-                "gemm": [], "overlap_slowdown": overlap}
+                "gemm": [], "overlap_slowdown": overlap, "comm_core_share": 2 * overlap}
 
     passes = [{2: comm(5e-4, 0.1)}, {2: comm(1e-4, 0.3)}, {2: comm(9e-4, 0.2)}]
     opts = prof_mod.ProfileOptions(processes=(2,))
@@ -274,6 +294,7 @@ def test_multi_process_benchmarks_keep_their_fastest_pass():
     assert shared["collectives"]["2"] == prof_mod.fit_collectives(
         [["all_reduce", 1024, 1e-4], ["all_reduce", 4096, 2e-4]], 2)
     assert shared["overlap_slowdown"] == {"2": pytest.approx(0.2)}
+    assert shared["comm_core_share"] == {"2": pytest.approx(0.4)}
 
     calm = {"tp": {"1": [0.01, 0.02], "3": [0.03, 0.05]}, "pp": {"message_s": 2e-3}}
     busy = {"tp": {"1": [0.005, 0.01], "3": [0.09, 0.2]}, "pp": {"message_s": 1e-3}}
@@ -529,7 +550,7 @@ def test_relinking_a_profile_remeasures_only_its_links(monkeypatch):
     def commbench(n: int, opts, gemm: bool) -> dict:
         calls.append((n, gemm))
         return {"collectives": [["all_reduce", 1024, 1e-3], ["all_reduce", 4096, 4e-3]],
-                "gemm": [], "overlap_slowdown": 0.05}
+                "gemm": [], "overlap_slowdown": 0.05, "comm_core_share": 0.1}
 
     monkeypatch.setattr(prof_mod, "_commbench", commbench)
     base = profile_to_dict(synthetic())
@@ -539,9 +560,11 @@ def test_relinking_a_profile_remeasures_only_its_links(monkeypatch):
     assert out["collectives"]["2"] == prof_mod.fit_collectives(
         [["all_reduce", 1024, 1e-3], ["all_reduce", 4096, 4e-3]], 2)
     assert out["overlap_slowdown"] == {"2": pytest.approx(0.05)}
+    assert out["comm_core_share"] == {"2": pytest.approx(0.1)}
     assert out["collective_rows"]["2"] == {"all_reduce": [[1024, 1e-3], [4096, 4e-3]]}
     kept = {k for k in base
-            if k not in ("collectives", "collective_rows", "overlap_slowdown", "source")}
+            if k not in ("collectives", "collective_rows", "overlap_slowdown", "comm_core_share",
+                         "source")}
     assert {k: out[k] for k in kept} == {k: base[k] for k in kept}
     assert "re-measured" in out["source"]
 

@@ -269,6 +269,21 @@ def test_straggler_slows_the_step_as_the_schedule_dictates():
     assert len(slow.ranks) == 2 * p  # the straggler's replica is simulated beside the rest
 
 
+def test_an_ep_all_to_all_across_replicas_waits_for_each_of_them():
+    # dp=2, ep=2: one EP group spans both replicas. With replica 1 slowed by half, its
+    # every dispatch and combine holds replica 0 back: the two start each all-to-all
+    # together, where each replica's own would start as its layer ends.
+    model = load_model("tiny-moe")
+    cluster = load_cluster("h100-sxm", gpus=2)
+    work = TrainWorkload(seq_len=256, global_batch=4, dtype="bf16")
+    run = simulate_des(model, cluster, work, Plan.parse("dp=2,ep=2,mbs=1"),
+                       options=DesOptions(stragglers=((1, 0.5),)))
+    starts = {r: [s.start_s for s in run.spans if s.rank == r and s.stream == "ep"]
+              for r in (0, 1)}
+    assert len(starts[0]) == len(starts[1]) > 0
+    assert starts[0] == pytest.approx(starts[1], rel=1e-9)
+
+
 def test_bad_options_are_named():
     model, cluster, work, plan, cache = _passes(8, 4, 8, "pp=4,mbs=1")
     with pytest.raises(SpecError, match="options.stragglers"):
@@ -431,6 +446,93 @@ def test_processes_sharing_cores_split_them_while_they_compute():
     ev = alone.run(Job(work_s=1.0, rank=0))
     alone.env.run()
     assert ev.processed and alone.env.now == pytest.approx(1.0)  # one process: one core
+
+
+def test_time_shared_cores_run_whole_slices_in_a_seeded_order():
+    # 2 processes on 1 core, 10 s each, 4 s slices: the core is never idle, so the last
+    # ends at 20 s; the first ends at the end of a slice or of its last 2 s (10, 14 or
+    # 18 s: the queue order decides which), where shared fluidly both end at 20 s. The
+    # same seed, the same order. A process alone keeps its core past its slice.
+    firsts = set()
+    for seed in range(8):
+        runs = []
+        for _ in range(2):
+            env = simpy.Environment()
+            fluid = Fluid(env, {}, interference=0.0, shared_cores=1, slice_s=4.0, seed=seed)
+            ends = []
+            for rank in (0, 1):
+                fluid.run(Job(work_s=10.0, rank=rank)).callbacks.append(
+                    lambda _e, ends=ends, env=env: ends.append(env.now))
+            env.run()
+            runs.append(ends)
+        assert runs[0] == runs[1] and runs[0][1] == pytest.approx(20.0)
+        assert min(abs(runs[0][0] - t) for t in (10.0, 14.0, 18.0)) < 1e-9
+        firsts.add(round(runs[0][0]))
+    assert len(firsts) > 1  # the order is the seed's, not fixed
+    alone = Fluid(simpy.Environment(), {}, interference=0.0, shared_cores=1, slice_s=4.0)
+    ends = []
+    alone.run(Job(work_s=10.0, rank=0)).callbacks.append(
+        lambda _e: ends.append(alone.env.now))
+    alone.env.run()
+    assert ends == pytest.approx([10.0])
+
+
+def test_a_communicating_rank_takes_its_core_share_from_those_computing():
+    # 1 core: rank 0 exchanges for 10 s without computing while rank 1 computes 10 s.
+    # Keeping half a core busy, the exchange leaves rank 1 half speed for 10 s: it ends
+    # at 15 s; at no share, at 10 s. On 2 cores with rank 0 computing beside its own
+    # flow, both hold a core and no share is taken (rank 0's own slowdown is the
+    # interference, measured that way): rank 1 ends at 10 s.
+    def end_s(share: float, cores: int = 1, talker_computes: bool = False) -> float:
+        env = simpy.Environment()
+        fluid = Fluid(env, {("fabric", 0, "out"): 1.0}, interference=0.0,
+                      shared_cores=cores, slice_s=4.0, comm_share=share)
+        fluid.run(Job(work_s=10.0, rank=0, demands={("fabric", 0, "out"): 1.0}, ranks=(0,)))
+        if talker_computes:
+            fluid.run(Job(work_s=30.0, rank=0))
+        ends = []
+        fluid.run(Job(work_s=10.0, rank=1)).callbacks.append(
+            lambda _e: ends.append(env.now))
+        env.run()
+        return ends[0]
+
+    assert end_s(0.5) == pytest.approx(15.0)
+    assert end_s(0.0) == pytest.approx(10.0)
+    assert end_s(0.5, cores=2, talker_computes=True) == pytest.approx(10.0)
+
+
+def _two_pairs_s(slice_s: float | None, seed: int = 0) -> float:
+    """Two pairs of processes on 2 cores, each pair 10 rounds of 10 s of compute per
+    process, then an exchange of 17 s alone over one shared link (`desync.py`'s shape)."""
+    env = simpy.Environment()
+    fluid = Fluid(env, {("fabric", 0, "both"): 1.0}, interference=0.0, shared_cores=2,
+                  slice_s=slice_s, seed=seed)
+
+    ends = []
+
+    def rank(r: int):
+        for _ in range(10):
+            yield fluid.run(Job(work_s=10.0, rank=r))
+            yield fluid.run(Job(work_s=17.0, rank=r, demands={("fabric", 0, "both"): 0.5}))
+        ends.append(env.now)
+
+    for r in range(4):
+        env.process(rank(r))
+    env.run()  # past the last end: a slice's timer may still be pending
+    return max(ends)
+
+
+def test_time_shared_pairs_drift_apart_and_overlap_each_others_exchanges():
+    # Shared fluidly the pairs stay in lockstep: every round both compute at half speed,
+    # then both exchanges share the link: 10 x (20 + 34) s. Time-shared, one pair gets
+    # the cores first and computes while the other exchanges; never better than one
+    # pair's exchanges back to back with the other's (10 x 2 x 17 s) plus a compute.
+    lockstep = _two_pairs_s(None)
+    assert lockstep == pytest.approx(10 * (20 + 34))
+    for seed in range(3):
+        drifted = _two_pairs_s(4.0, seed)
+        assert 10 * 34 + 10 <= drifted < 0.9 * lockstep
+        assert drifted == _two_pairs_s(4.0, seed)  # the seed fixes the run queue's order
 
 
 def test_a_crowded_pipeline_gives_its_bubble_to_the_other_replica():

@@ -7,8 +7,9 @@ Times all-reduce, all-gather, reduce-scatter and all-to-all over sizes (the slow
 mean over a fixed number of repeats, the same on every rank), p2p as half a ping-pong
 between ranks 0 and 1, a ring shift (every rank sending to the next at once), the GEMMs
 of `CONCURRENT_GEMMS` run by every rank at once, to measure how much compute slows when
-N processes share the machine, and how much compute slows while its own rank
-communicates. Rank 0 writes JSON.
+N processes share the machine, how much compute slows while its own rank
+communicates, and how much of a core a rank's communication keeps busy. Rank 0 writes
+JSON.
 """
 
 from __future__ import annotations
@@ -159,6 +160,36 @@ def overlap_slowdown(device: torch.device, nbytes: int = 4 * 2**20, reps: int = 
     return ratio.item() - 1.0
 
 
+def comm_core_share(device: torch.device, sizes: tuple[int, ...] = (2**18, 2**20),
+                    reps: int = 10) -> float:
+    """Cores one process keeps busy while its collectives run and it computes nothing:
+    the process's CPU time (every thread's, gloo's transport threads included) over the
+    wall time of `reps` all-reduces, all-gathers and all-to-alls of each of `sizes`
+    bytes, the mean over the ranks. On this VM's loopback, 2 ranks: 0.56-0.87 of a core
+    (the copies and polling of a fast link), throttled to 1 Gbit/s 0.08-0.16 (waiting)."""
+    n = dist.get_world_size()
+    calls = []
+    for nbytes in sizes:
+        full = torch.randn(max(n, nbytes // 4 // n * n), device=device)
+        part, out = torch.empty(full.numel() // n, device=device), torch.empty_like(full)
+        calls += [lambda full=full: dist.all_reduce(full),
+                  lambda part=part, out=out: dist.all_gather_into_tensor(out, part),
+                  lambda full=full, out=out: dist.all_to_all_single(out, full)]
+    for call in calls:  # warm-up: connections and buffers set up outside the timing
+        call()
+    sync(device)
+    dist.barrier()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(reps):
+        for call in calls:
+            call()
+    sync(device)
+    share = torch.tensor([(time.process_time() - cpu0) / (time.perf_counter() - wall0)],
+                         dtype=torch.float64, device=device)
+    dist.all_reduce(share)
+    return share.item() / n
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="meshplan.validate.commbench")
     p.add_argument("out")
@@ -178,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     run_worker(a.out, "nccl" if a.device == "cuda" else "gloo", lambda: {
         "processes": dist.get_world_size(), "collectives": collective_rows(sizes, device),
         "gemm": [] if a.no_gemm else concurrent_gemm_rows(device),
-        "overlap_slowdown": overlap_slowdown(device)})
+        "overlap_slowdown": overlap_slowdown(device),
+        "comm_core_share": comm_core_share(device)})
 
 
 def run_worker(out: str, backend: str, record) -> None:

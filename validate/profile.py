@@ -103,7 +103,13 @@ def measure(opts: ProfileOptions, say=print) -> dict:
     say("ops inside a training step against the tables ...")
     prof = replace(prof, in_situ_factor=in_situ_factor(CalibratedCosts(one, prof),
                                                        opts.dtypes[0], device))
-    prof = replace(prof, **_shared_machine(opts, [p["comm"] for p in passes], _cores(opts, device)))
+    cores = _cores(opts, device)
+    prof = replace(prof, **_shared_machine(opts, [p["comm"] for p in passes], cores))
+    if device.type == "cpu":
+        from .microbench import scheduler_slice_s
+
+        say("the scheduler's time slice ...")
+        prof = replace(prof, scheduler_slice_s=scheduler_slice_s(2 * cores))
     prof = replace(prof, source=f"{prof.source}; collectives and mechanisms the fastest of "
                                 f"{len(passes)} passes")
     mechanisms = [p["mech"] for p in passes if p["mech"] is not None]
@@ -129,6 +135,7 @@ def relink(base: dict[str, Any], opts: ProfileOptions, say=print) -> dict:
     prof = replace(prof, collectives=links["collectives"],
                    collective_rows=links["collective_rows"],
                    overlap_slowdown=links["overlap_slowdown"],
+                   comm_core_share=links["comm_core_share"],
                    source=f"{prof.source}; collectives re-measured ({opts.sweeps} passes)")
     return {**profile_to_dict(prof), "peaks": peaks(prof)}
 
@@ -429,18 +436,19 @@ def _shared_machine(opts: ProfileOptions, passes: list[dict[int, dict]], cores: 
     (`calibrated._nearest`). Measured instead, 4 processes on this VM's 2 cores gave 2.04
     in one profile and 2.74 in the next, 1.8-2.9 shape to shape, while 4-process runtime
     steps ran at the fair share."""
-    collectives, table, concurrency, overlap = {}, {}, {"1": 1.0}, {}
+    collectives, table, concurrency, overlap, share = {}, {}, {"1": 1.0}, {}, {}
     for n in opts.processes:
         recs = [p[n] for p in passes]
         rows = reduce_rows([r["collectives"] for r in recs], keys=2, reduce=np.min)
         collectives[str(n)] = fit_collectives(rows, n)
         table[str(n)] = rows_by_op(rows)
         overlap[str(n)] = float(np.median([r["overlap_slowdown"] for r in recs]))
+        share[str(n)] = float(np.median([r["comm_core_share"] for r in recs]))
         if n <= cores:
             concurrency[str(n)] = float(np.median([concurrency_slowdown(r["gemm"])
                                                    for r in recs]))
     return {"collectives": collectives, "collective_rows": table, "concurrency": concurrency,
-            "overlap_slowdown": overlap}
+            "overlap_slowdown": overlap, "comm_core_share": share}
 
 
 def _cores(opts: ProfileOptions, device) -> int:

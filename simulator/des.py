@@ -377,10 +377,10 @@ def _dp_units(cm: PlanCosts, pr: _Pricer) -> tuple[dict[int, list[tuple[_Flow, .
 
 class _Engine:
     def __init__(self, cm: PlanCosts, schedule: PipelineSchedule, opts: DesOptions,
-                 seed: int = 0):
+                 slicing: TimeSlicing | None = None, seed: int = 0):
         self.cm, self.sched, self.opts = cm, schedule, opts
         self.env = simpy.Environment()
-        self.slicing = _slicing(cm)
+        self.slicing = slicing
         plan = cm.plan
         self.split_w = splits_backward(schedule)
         self.elsewhere = self._replica_clusters()
@@ -839,13 +839,10 @@ def simulate_des(model: ModelSpec, cluster: ClusterSpec, work: TrainWorkload, pl
     step is the median of `SLICED_RUNS` runs, each with its own run-queue order."""
     cm = prepare(model, cluster, work, plan, cache)
     schedule, opts = _schedule(cm), options or DesOptions()
-    runs = [_run(_Engine(cm, schedule, opts, seed))
-            for seed in range(SLICED_RUNS if _slicing(cm) is not None else 1)]
+    slicing = cm.costs.time_slicing()
+    runs = [_run(_Engine(cm, schedule, opts, slicing, seed))
+            for seed in range(SLICED_RUNS if slicing is not None else 1)]
     return sorted(runs, key=lambda r: r.result.step_time_s)[len(runs) // 2]
-
-
-def _slicing(cm: PlanCosts) -> TimeSlicing | None:
-    return cm.costs.time_slicing() if cm.costs.shared_cores() else None
 
 
 def _run(eng: _Engine) -> DesRun:

@@ -237,9 +237,11 @@ class Fluid:
                 self.busy.add(r)
             else:
                 self.busy.discard(r)
-            for rank in (self.computing if self.comm_share else (r,)):
-                for j in self.computing.get(rank, ()):
-                    self._set_speed(j, self._compute_speed(rank))
+            if self.comm_share:  # the cores left to the others changed too
+                self._respeed()
+            else:
+                for j in self.computing.get(r, ()):
+                    self._set_speed(j, self._compute_speed(r))
 
     def _recrowd(self, rank: int, sign: int) -> None:
         """A rank started (+1) or stopped (−1) computing: under shared cores every other
@@ -253,10 +255,7 @@ class Fluid:
             elif self.running.pop(rank, None) is None:
                 self.queue.remove(rank)
             self._grant()
-        for r, jobs in self.computing.items():
-            if r != rank:
-                for j in jobs:
-                    self._set_speed(j, self._compute_speed(r))
+        self._respeed(but=rank)
 
     def _enqueue(self, rank: int) -> None:
         self.queue.insert(self.rng.randrange(len(self.queue) + 1), rank)
@@ -287,10 +286,15 @@ class Fluid:
         del self.running[rank]
         self._enqueue(rank)
         self._grant()
-        for r, jobs in self.computing.items():
-            for j in jobs:
-                self._set_speed(j, self._compute_speed(r))
+        self._respeed()
         self._arm()
+
+    def _respeed(self, but: int | None = None) -> None:
+        """Every computing job's speed anew (but rank `but`'s)."""
+        for r, jobs in self.computing.items():
+            if r != but:
+                for j in jobs:
+                    self._set_speed(j, self._compute_speed(r))
 
     def _on_cores(self) -> float:
         """Processes of the ranks holding cores, time-shared."""

@@ -59,6 +59,9 @@ class PassCosts:
     def shared_cores(self):
         return None
 
+    def time_slicing(self):
+        return None
+
     def reduce_scatter_overlaps(self):
         return True
 

@@ -51,20 +51,10 @@ def _timed(fn, reps: int, device: torch.device) -> float:
 
 def collective_rows(sizes: list[int], device: torch.device) -> list[list]:
     """[op, bytes, seconds]; bytes is the full (gathered) buffer, as in NCCL's tests."""
-    n = dist.get_world_size()
     rows = []
     for nbytes in sizes:
-        count = max(n, nbytes // 4 // n * n)
-        full = torch.randn(count, device=device)
-        part = torch.empty(count // n, device=device)
-        out = torch.empty_like(full)
-        ops = {
-            "all_reduce": lambda full=full: dist.all_reduce(full),
-            "all_gather": lambda part=part, out=out: dist.all_gather_into_tensor(out, part),
-            "reduce_scatter": lambda part=part, full=full: dist.reduce_scatter_tensor(part,
-                                                                                      full),
-            "all_to_all": lambda out=out, full=full: dist.all_to_all_single(out, full),
-        }
+        full, out, ops = _collectives(nbytes, device)
+        count = full.numel()
         for op, fn in ops.items():
             rows.append([op, 4 * count, _timed(fn, _reps(4 * count), device)])
         rows.append(["p2p", 4 * count, _ping_pong(full, _reps(4 * count), device)])
@@ -72,6 +62,23 @@ def collective_rows(sizes: list[int], device: torch.device) -> list[list]:
                      _timed(lambda full=full, out=out: _ring_shift(full, out),
                             _reps(4 * count), device)])
     return rows
+
+
+def _collectives(nbytes: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A full fp32 buffer of about `nbytes` (a whole number of elements per rank, at least
+    one), an output buffer as large, and a call per collective on them: op -> call."""
+    n = dist.get_world_size()
+    count = max(n, nbytes // 4 // n * n)
+    full = torch.randn(count, device=device)
+    part = torch.empty(count // n, device=device)
+    out = torch.empty_like(full)
+    return full, out, {
+        "all_reduce": lambda: dist.all_reduce(full),
+        "all_gather": lambda: dist.all_gather_into_tensor(out, part),
+        "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+        "all_to_all": lambda: dist.all_to_all_single(out, full),
+    }
 
 
 def _ring_shift(buf: torch.Tensor, out: torch.Tensor) -> None:
@@ -167,14 +174,8 @@ def comm_core_share(device: torch.device, sizes: tuple[int, ...] = (2**18, 2**20
     wall time of `reps` all-reduces, all-gathers and all-to-alls of each of `sizes`
     bytes, the mean over the ranks. On this VM's loopback, 2 ranks: 0.56-0.87 of a core
     (the copies and polling of a fast link), throttled to 1 Gbit/s 0.08-0.16 (waiting)."""
-    n = dist.get_world_size()
-    calls = []
-    for nbytes in sizes:
-        full = torch.randn(max(n, nbytes // 4 // n * n), device=device)
-        part, out = torch.empty(full.numel() // n, device=device), torch.empty_like(full)
-        calls += [lambda full=full: dist.all_reduce(full),
-                  lambda part=part, out=out: dist.all_gather_into_tensor(out, part),
-                  lambda full=full, out=out: dist.all_to_all_single(out, full)]
+    calls = [ops[op] for ops in (_collectives(b, device)[2] for b in sizes)
+             for op in ("all_reduce", "all_gather", "all_to_all")]
     for call in calls:  # warm-up: connections and buffers set up outside the timing
         call()
     sync(device)
@@ -187,7 +188,7 @@ def comm_core_share(device: torch.device, sizes: tuple[int, ...] = (2**18, 2**20
     share = torch.tensor([(time.process_time() - cpu0) / (time.perf_counter() - wall0)],
                          dtype=torch.float64, device=device)
     dist.all_reduce(share)
-    return share.item() / n
+    return share.item() / dist.get_world_size()
 
 
 def main(argv: list[str] | None = None) -> None:

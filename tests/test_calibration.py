@@ -301,6 +301,28 @@ def test_multi_process_benchmarks_keep_their_fastest_pass():
     assert prof_mod.fastest_pass([busy, calm]) == {"tp": calm["tp"], "pp": busy["pp"]}
 
 
+def test_each_mechanism_is_timed_in_fresh_processes(monkeypatch):
+    """A process that has timed other mechanisms times a layer slower, so the profile
+    starts one mechbench run per part and merges their records; an unknown part is
+    refused by name before anything runs."""
+    from meshplan.validate import mechbench
+    from meshplan.validate import profile as prof_mod
+
+    runs = []
+
+    def fake(n, bench, args):
+        runs.append((n, bench, tuple(args)))
+        return {args[-1]: {"ran": len(runs)}}
+
+    monkeypatch.setattr(prof_mod, "_torchrun", fake)
+    record = prof_mod._mechbench()
+    assert runs == [(2, "mechbench", ("--parts", p)) for p in mechbench.PARTS]
+    assert list(record) == list(mechbench.PARTS)
+    assert {"moe", "ep", "pp", "split_w"} <= set(record)
+    with pytest.raises(SystemExit):
+        mechbench.main(["out.json", "--parts", "moe,nope"])
+
+
 def test_a_message_counts_from_its_send_to_a_receive_that_was_waiting():
     from meshplan.validate.mechbench import late_receive_waits, message_latencies
 

@@ -215,13 +215,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_worker(out: str, backend: str, record) -> None:
-    """Join the torchrun job, build the record on every rank, rank 0 writes it as JSON."""
+    """Join the torchrun job, build the record on every rank, rank 0 writes it as JSON
+    (whole or not at all: written beside `out`, then renamed)."""
     dist.init_process_group(backend)
     try:
         rec = record()
         if dist.get_rank() == 0:
-            with open(out, "w") as f:
+            with open(f"{out}.part", "w") as f:
                 json.dump(rec, f)
+            os.replace(f"{out}.part", out)
     finally:
         dist.destroy_process_group()
 

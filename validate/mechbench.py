@@ -42,8 +42,16 @@ intermediates and runs a gradient call per group. Timed here on a middle stage's
 2 layers, whole and split, at two sequence lengths, so that the profile can fit a fixed
 part per layer and a part that grows with the backward.
 
-Rank 0 writes {mechanism: {"<seq>x<mbs>": {"1": [fwd s, bwd s], "3": [...]}},
-"pp": {"message_s": s, "late_receive_s": s},
+Each part is timed in a process of its own (`--parts`; `profile` starts one run per
+part), since a process that has run the others times a layer slower than a fresh one, and
+the runtime runs every plan in a fresh process. On this VM the MoE layer's backward at
+4 x 256 and 4 x 512 tokens took 17.0-17.3 and 41.5-41.9 ms per layer in three fresh
+processes and 18.6-19.8 and 47.4-47.6 ms in two runs after the TP, CP, FSDP and ZeRO-2
+parts (the cause was not pinned down; with glibc's mmap threshold fixed, every layer ran
+twice as slow and the gap stayed).
+
+Rank 0 writes, of the parts asked for, {mechanism: {"<seq>x<mbs>": {"1": [fwd s, bwd s],
+"3": [...]}}, "pp": {"message_s": s, "late_receive_s": s},
 "split_w": {str(seq): [whole s, split s]}}.
 """
 
@@ -69,6 +77,7 @@ PP_POINT = (128, 4)  # (sequence, micro-batch size) of the traced pipeline
 REPS = 40
 PP_PLAN, PP_MICRO_BATCHES = "pp=2", 6
 SPLIT_LAYERS, SPLIT_SEQS = 2, (16, 256)
+PARTS = (*MECHANISMS, "pp", "split_w")  # what one run can be asked for (`--parts`)
 
 
 def point_key(seq: int, mbs: int) -> str:
@@ -282,7 +291,13 @@ def _split_runner(seq: int, split: bool, device):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="meshplan.validate.mechbench")
     p.add_argument("out")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     a = p.parse_args(argv)
+    parts = a.parts.split(",")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        p.error(f"--parts: {', '.join(unknown)} unknown; parts are {', '.join(PARTS)}")
     import torch  # the worker needs torch; `plan_file` (used by the fit) does not
     import torch.distributed as dist
 
@@ -294,13 +309,15 @@ def main(argv: list[str] | None = None) -> None:
     def record() -> dict:
         n = dist.get_world_size()
         out: dict = {}
-        for mech in MECHANISMS:
+        for mech in (m for m in MECHANISMS if m in parts):
             for seq, mbs in MECH_POINTS:
                 one, three = time_layers([plan_file(mech, layers, n, seq, mbs)
                                           for layers in (1, 3)], device)
                 out.setdefault(mech, {})[point_key(seq, mbs)] = {"1": one, "3": three}
-        out["pp"] = time_pipeline_messages(pp_plan_file(PP_MICRO_BATCHES, n), device)
-        out["split_w"] = time_split_backward(device)
+        if "pp" in parts:
+            out["pp"] = time_pipeline_messages(pp_plan_file(PP_MICRO_BATCHES, n), device)
+        if "split_w" in parts:
+            out["split_w"] = time_split_backward(device)
         return out
 
     run_worker(a.out, "gloo", record)

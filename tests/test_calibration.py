@@ -301,6 +301,31 @@ def test_multi_process_benchmarks_keep_their_fastest_pass():
     assert prof_mod.fastest_pass([busy, calm]) == {"tp": calm["tp"], "pp": busy["pp"]}
 
 
+def test_a_benchmark_failing_after_its_record_keeps_it_and_says_so(monkeypatch, capsys):
+    """A torchrun job that exits non-zero after rank 0 wrote its record (a rank aborting in
+    gloo's teardown) keeps the record and says so; without a record it is an error."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    from meshplan.validate import profile as prof_mod
+
+    def job(writes: bool):
+        def run(cmd, **kw):
+            if writes:
+                with open(cmd[cmd.index("-m", 3) + 2], "w") as f:
+                    json.dump({"moe": 1}, f)
+            return SimpleNamespace(returncode=-6, stderr="Signal 6 (SIGABRT)")
+        return run
+
+    monkeypatch.setattr(subprocess, "run", job(True))
+    assert prof_mod._torchrun(2, "mechbench", ["--parts", "moe"]) == {"moe": 1}
+    assert "exited -6 after its record was written" in capsys.readouterr().err
+    monkeypatch.setattr(subprocess, "run", job(False))
+    with pytest.raises(RuntimeError, match="SIGABRT"):
+        prof_mod._torchrun(2, "mechbench", ["--parts", "moe"])
+
+
 def test_each_mechanism_is_timed_in_fresh_processes(monkeypatch):
     """A process that has timed other mechanisms times a layer slower, so the profile
     starts one mechbench run per part and merges their records; an unknown part is
